@@ -1,0 +1,52 @@
+"""Typed errors. Every error rnnedge raises on purpose is an ``RnnedgeError``.
+
+``exit_code`` is what the CLI exits with: 2 for a usage error (the caller asked for
+something malformed or impossible), 1 for a failed export, verification or run.
+Messages are one line: what was expected, what was found, what to do.
+"""
+
+from __future__ import annotations
+
+
+class RnnedgeError(Exception):
+    """Base of all rnnedge errors."""
+
+    exit_code = 1
+
+
+class UsageError(RnnedgeError):
+    """Bad arguments or inputs from the caller (CLI exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(UsageError):
+    """A model file could not be found, read or matched to its architecture."""
+
+
+class UnsupportedModelError(RnnedgeError):
+    """The model (or one of its layers) cannot be exported in the requested mode."""
+
+
+class ExportError(RnnedgeError):
+    """The export itself failed (tracing, translation, graph checking, writing)."""
+
+
+class ParityError(ExportError):
+    """The exported graph does not equal eager PyTorch within tolerance."""
+
+    def __init__(self, message: str, failures: list | None = None):
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+
+class ContractError(RnnedgeError):
+    """An ONNX graph's rnnedge contract (metadata or state pairing) is missing or invalid."""
+
+
+class StepInputError(UsageError, ValueError):
+    """An input given to a stream does not match the graph's contract."""
+
+
+class DeviceError(RnnedgeError):
+    """The requested execution provider / device is not usable."""
