@@ -105,10 +105,19 @@ def export(
     ParityError when the graph differs from eager PyTorch; nothing is written then.
     """
     opset = check_opset(opset)
-    if hasattr(model, "training"):
-        model.eval()  # inference semantics: dropout off
     if lengths is None:
         lengths = mode == "sequence" and isinstance(model, STACKS)
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()  # inference semantics: dropout off
+    try:
+        return _export(model, path, example_input, mode, opset, atol, rtol, lengths, progress)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _export(model, path, example_input, mode, opset, atol, rtol, lengths, progress):
     plan = make_plan(model, example_input, mode, opset, lengths)
     dtype = plan.spec.outputs[0].dtype if plan.spec.outputs else "float32"
     atol, rtol = tolerance(dtype, atol, rtol)

@@ -50,6 +50,7 @@ class CaseResult:
     max_rel: float
     passed: bool
     misses: list = field(default_factory=list)  # [(tensor, max_abs, max_rel)]
+    error: str | None = None  # the graph could not run this case at all
 
     def as_dict(self) -> dict:
         return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
@@ -120,11 +121,12 @@ def _slice_time(arrays: dict, axis: int, start: int, stop: int, spec: ExportSpec
     }
 
 
-def _score(name, got_outs, got_states, want_outs, want_states, atol, rtol) -> CaseResult:
+def _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol) -> CaseResult:
     worst_abs = worst_rel = 0.0
     misses = []
     pairs = [(k, got_outs.get(k), want_outs[k]) for k in want_outs]
-    pairs += [(k, got_states.get(k), want_states[k]) for k in want_states]
+    # States are named by their graph output (hn, cn): that is what the caller reads back.
+    pairs += [(s.output, got_states.get(s.input), want_states[s.input]) for s in spec.states]
     for tensor, got, want in pairs:
         if got is None:
             misses.append((tensor, float("inf"), float("inf")))
@@ -173,7 +175,7 @@ def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
             got_seq.append(g)
         want_outs = {k: np.stack([w[k] for w in want_seq]) for k in want_seq[0]}
         got_outs = {k: np.stack([g[k] for g in got_seq]) for k in got_seq[0]}
-        return _score(name, got_outs, got_states, want_outs, want_states, atol, rtol)
+        return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
     inputs = plan.sample(rng, batch, length)
     if plan.lengths_input:
         row_lengths = np.full(batch, length, dtype=np.int64)
@@ -184,13 +186,13 @@ def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
     want_outs, want_states = plan.reference(inputs, dict(states0))
     if pattern is None:
         got_outs, got_states = graph(inputs, dict(states0))
-        return _score(name, got_outs, got_states, want_outs, want_states, atol, rtol)
+        return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
     got_states, pieces = dict(states0), []
     for start, stop in _chunks(length, pattern):
         piece, got_states = graph(_slice_time(inputs, spec.time_axis, start, stop, spec), got_states)
         pieces.append(piece)
     got_outs = {k: np.concatenate([p[k] for p in pieces], axis=spec.time_axis) for k in pieces[0]}
-    return _score(name, got_outs, got_states, want_outs, want_states, atol, rtol)
+    return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
 
 
 def run_gate(
@@ -209,7 +211,11 @@ def run_gate(
     for case in _cases(plan):
         if progress:
             progress(case[0])
-        results.append(_run_case(plan, graph, rng, case, atol, rtol))
+        try:
+            results.append(_run_case(plan, graph, rng, case, atol, rtol))
+        except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed case
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            results.append(CaseResult(case[0], float("inf"), float("inf"), False, [], first[:300]))
     return results
 
 
@@ -229,12 +235,31 @@ def raise_on_failure(results: list[CaseResult], atol: float, rtol: float) -> Non
         return
     parts = []
     for r in failed:
+        if r.error:
+            parts.append(f"[{r.name}: graph failed to run: {r.error}]")
+            continue
         tensors = ", ".join(f"{t} max_abs={a:.3g} max_rel={e:.3g}" for t, a, e in r.misses)
         parts.append(f"[{r.name}: {tensors}]")
     raise ParityError(
         f"parity gate failed: {len(failed)} of {len(results)} cases differ from eager PyTorch "
         f"beyond atol={atol:g}, rtol={rtol:g}: " + " ".join(parts)
-        + "; nothing was written. If the differences are tiny, loosen --atol/--rtol; "
-        "otherwise report the model",
+        + f"; nothing was written. {_advice(results, failed)}",
         failures=failed,
     )
+
+
+def _advice(results: list[CaseResult], failed: list[CaseResult]) -> str:
+    """What the pattern of failures most likely means, and what to do about it."""
+    full = [r for r in results if r.name.startswith("full")]
+    if full and all(r.passed for r in full) and all(r.name.startswith("stream") for r in failed):
+        return ("Whole sequences match but chunked streaming does not: the model looks at "
+                "the whole sequence (e.g. mean pooling, a bidirectional layer), so it cannot "
+                "stream; export it with mode='sequence' (--mode sequence)")
+    lengths = {r.name.split("T=")[-1].split()[0] for r in full if r.passed}
+    if full and lengths and any(not r.passed for r in full):
+        return ("The graph matches at some lengths only (T=" + ",".join(sorted(lengths))
+                + "): something was traced at a fixed length, typically a Python loop over "
+                "time in forward(), which tracing unrolls; write the per-step cell as a "
+                "step-protocol module forward(x, state) -> (y, state) and let the runtime loop")
+    return ("If the differences are tiny, loosen atol/rtol (--atol/--rtol); otherwise "
+            "report the model with this message")
