@@ -50,15 +50,32 @@ def graph_summary(model: onnx.ModelProto, size: int) -> dict:
     }
 
 
-def make_plan(model, example_input, mode: str, opset: int, lengths: bool | None):
+def make_plan(model, example_input, mode: str, opset: int, lengths: bool | None,
+              input_axes: list | None = None):
     """Choose how ``model`` is exported; returns a ``parity.Plan``."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if is_layer(model):
-        return plan_layer(model, example_input, mode, opset, lengths)
+        plan = plan_layer(model, example_input, mode, opset, lengths)
+        check_axes(plan.spec, input_axes)
+        return plan
     from rnnedge.exporters.models import plan_model  # torch.onnx machinery: only when needed
 
-    return plan_model(model, example_input, mode, opset, lengths)
+    return plan_model(model, example_input, mode, opset, lengths, input_axes=input_axes)
+
+
+def check_axes(spec, input_axes: list | None) -> None:
+    """Refuse declared input axes that do not fit the graph's inputs."""
+    if input_axes is None:
+        return
+    data = [t for t in spec.inputs if t.name != "lengths"]
+    for tensor, axes in zip(data, input_axes):
+        if tuple(axes) != tuple(tensor.shape):
+            expected = ",".join(map(str, tensor.shape))
+            raise UsageError(
+                f"input shape {','.join(map(str, axes))} does not fit {spec.source.get('class', 'the model').rsplit('.', 1)[-1]}: "
+                f"expected {expected}; pass --input-shape {expected}"
+            )
 
 
 def check_graph(model: onnx.ModelProto) -> bytes:
@@ -90,6 +107,7 @@ def export(
     atol: float | None = None,
     rtol: float | None = None,
     lengths: bool | None = None,
+    input_axes: list | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export ``model`` to a stateful step-wise ONNX graph at ``path``, proven by the gate.
@@ -101,6 +119,8 @@ def export(
         required for bidirectional layers).
     lengths: add an int64 ``lengths`` input (batch,) of valid lengths per row, as a
         PackedSequence gives; defaults to True in sequence mode for layers.
+    input_axes: optional, per data input, its axes as names (dynamic: "batch", "time")
+        and integers (fixed sizes), e.g. [("batch", "time", 16)]; checked against the model.
     Raises UsageError for bad arguments, UnsupportedModelError, ExportError, and
     ParityError when the graph differs from eager PyTorch; nothing is written then.
     """
@@ -111,14 +131,15 @@ def export(
     if was_training:
         model.eval()  # inference semantics: dropout off
     try:
-        return _export(model, path, example_input, mode, opset, atol, rtol, lengths, progress)
+        return _export(model, path, example_input, mode, opset, atol, rtol, lengths,
+                       input_axes, progress)
     finally:
         if was_training:
             model.train()
 
 
-def _export(model, path, example_input, mode, opset, atol, rtol, lengths, progress):
-    plan = make_plan(model, example_input, mode, opset, lengths)
+def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_axes, progress):
+    plan = make_plan(model, example_input, mode, opset, lengths, input_axes)
     dtype = plan.spec.outputs[0].dtype if plan.spec.outputs else "float32"
     atol, rtol = tolerance(dtype, atol, rtol)
 
