@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _torch_load(path: Path, trust_pickle: bool):
                 f"{path} is not a readable PyTorch file ({_first_line(exc)}); "
                 "expected torch.save output, a TorchScript archive or a .pt2 program"
             ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file makes torch.load raise anything
         raise ModelLoadError(
             f"{path} is not a readable PyTorch file (corrupt or truncated: {_first_line(exc)}); "
             "expected torch.save output, a TorchScript archive or a .pt2 program; save it again"
@@ -216,7 +217,10 @@ def _rebuild(name: str, config: dict, state: dict) -> nn.Module:
 
 def _from_torchscript(path: Path) -> nn.Module:
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # torch deprecates TorchScript; users still ship it, and we only read it.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path} is a damaged TorchScript archive ({_first_line(exc)}); save it again") from None
     name = getattr(scripted, "original_name", type(scripted).__name__)

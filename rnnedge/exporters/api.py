@@ -13,6 +13,7 @@ from rnnedge.atomic import write_bytes_atomic
 from rnnedge.errors import ExportError, UnsupportedModelError, UsageError
 from rnnedge.exporters import parity
 from rnnedge.exporters.layers import STACKS, is_layer, plan_layer
+from rnnedge.exporters.layers import input_axes as layer_axes
 from rnnedge.exporters.spec import METADATA_KEY, check_opset, tolerance
 
 MODES = ("stream", "sequence")
@@ -56,25 +57,22 @@ def make_plan(model, example_input, mode: str, opset: int, lengths: bool | None,
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if is_layer(model):
-        plan = plan_layer(model, example_input, mode, opset, lengths)
-        check_axes(plan.spec, input_axes)
-        return plan
+        if input_axes is not None:
+            check_axes(type(model).__name__, [layer_axes(model)], input_axes)
+        return plan_layer(model, example_input, mode, opset, lengths)
     from rnnedge.exporters.models import plan_model  # torch.onnx machinery: only when needed
 
     return plan_model(model, example_input, mode, opset, lengths, input_axes=input_axes)
 
 
-def check_axes(spec, input_axes: list | None) -> None:
-    """Refuse declared input axes that do not fit the graph's inputs."""
-    if input_axes is None:
-        return
-    data = [t for t in spec.inputs if t.name != "lengths"]
-    for tensor, axes in zip(data, input_axes):
-        if tuple(axes) != tuple(tensor.shape):
-            expected = ",".join(map(str, tensor.shape))
+def check_axes(what: str, expected: list, given: list) -> None:
+    """Refuse declared input axes (e.g. from --input-shape) that do not fit the model."""
+    for want, axes in zip(expected, given):
+        if tuple(axes) != tuple(want):
+            text = ",".join(map(str, want))
             raise UsageError(
-                f"input shape {','.join(map(str, axes))} does not fit {spec.source.get('class', 'the model').rsplit('.', 1)[-1]}: "
-                f"expected {expected}; pass --input-shape {expected}"
+                f"input shape {','.join(map(str, axes))} does not fit {what}: expected {text}; "
+                f"pass --input-shape {text}"
             )
 
 

@@ -25,6 +25,14 @@ def is_layer(model) -> bool:
     return isinstance(model, STACKS + CELLS)
 
 
+def input_axes(model) -> tuple:
+    """The data input's axes for a layer, e.g. ("batch", "time", 16)."""
+    if isinstance(model, CELLS):
+        return ("batch", model.input_size)
+    seq = ("batch", "time") if model.batch_first else ("time", "batch")
+    return (*seq, model.input_size)
+
+
 def source_of(model) -> dict:
     cls = type(model)
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "torch": torch.__version__}

@@ -1,0 +1,170 @@
+"""The hot path: one session, a fixed batch, ping-pong state buffers and cached bindings.
+
+Each state has two preallocated buffers, A and B. Two IOBindings per input shape read
+the state from one buffer and write it to the other (A->B, B->A), so a step only
+copies the data input into a bound buffer and runs: nothing is rebound and, on CUDA,
+the state never leaves the device. Data inputs and outputs live in host buffers bound
+once per shape (onnxruntime copies them to and from the device inside the run).
+
+An Engine is used by one thread at a time (IOBinding objects are not thread-safe);
+the session itself is shared.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import onnxruntime as ort
+
+MAX_SLOTS = 16  # distinct input shapes kept bound per engine (LRU beyond that)
+
+
+class Slot:
+    """The bindings for one tuple of input shapes.
+
+    in_bufs: host arrays the data inputs are copied into, one per data input.
+    out_bufs: host arrays the data outputs land in (None until the first run found their
+    shapes). args[p]: what the session runs when the current state is in buffer set p.
+    """
+
+    __slots__ = ("key", "in_bufs", "out_bufs", "bindings", "args")
+
+    def __init__(self, key, in_bufs, bindings, args):
+        self.key = key
+        self.in_bufs = in_bufs
+        self.out_bufs = None
+        self.bindings = bindings
+        self.args = args
+
+
+class Engine:
+    """Runs ``session`` for ``batch`` rows, carrying the state between runs.
+
+    model: the Model (session, device, contract). data: the TensorInfos of the data
+    inputs this engine is fed, in order. constants: {input name: OrtValue} bound as is.
+    """
+
+    def __init__(self, model, batch: int, data: tuple, constants: dict):
+        self.session = model.session
+        self.batch = batch
+        self.data = data
+        self.constants = constants
+        self.states = model.contract.states
+        self.outputs = model.contract.outputs
+        self.on_cuda = model.device.startswith("cuda")
+        self.device_id = int(model.device.partition(":")[2] or 0)
+        raw = getattr(self.session, "_sess", None)
+        # The public wrapper adds WebGPU capture bookkeeping to every run; the pybind
+        # session runs the same binding without it (about 1 us a step).
+        self._raw = raw is not None and hasattr(raw, "run_with_iobinding")
+        self._run = raw.run_with_iobinding if self._raw else self.session.run_with_iobinding
+        self.parity = 0
+        self.host = None  # CPU: the numpy arrays behind the state OrtValues, [set][state]
+        self.bufs = [[], []]  # [set][state] OrtValue
+        shapes = [s.shape_for(batch) for s in self.states]
+        if self.on_cuda:
+            for side in (0, 1):
+                self.bufs[side] = [
+                    ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, s.dtype), "cuda", self.device_id)
+                    for s, shape in zip(self.states, shapes)]
+        else:
+            self.host = [[np.zeros(shape, s.dtype) for s, shape in zip(self.states, shapes)]
+                         for _ in (0, 1)]
+            self.bufs = [[ort.OrtValue.ortvalue_from_numpy(a) for a in side] for side in self.host]
+        self._slots: OrderedDict = OrderedDict()
+
+    # --- stepping ---------------------------------------------------------------------------
+
+    def slot(self, key: tuple) -> Slot:
+        """The bindings for input shapes ``key`` (a tuple of shapes, one per data input)."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            self._slots.move_to_end(key)
+            return slot
+        in_bufs = [np.empty(shape, t.dtype) for t, shape in zip(self.data, key)]
+        in_vals = [ort.OrtValue.ortvalue_from_numpy(a) for a in in_bufs]
+        bindings = []
+        for side in (0, 1):
+            io = self.session.io_binding()
+            for t, value in zip(self.data, in_vals):
+                io.bind_ortvalue_input(t.name, value)
+            for name, value in self.constants.items():
+                io.bind_ortvalue_input(name, value)
+            for s, value in zip(self.states, self.bufs[side]):
+                io.bind_ortvalue_input(s.input, value)
+            for t in self.outputs:  # placeholders; the first run learns their shapes
+                io.bind_output(t.name, "cpu")
+            for s, value in zip(self.states, self.bufs[1 - side]):
+                io.bind_ortvalue_output(s.output, value)
+            bindings.append(io)
+        args = [io._iobinding if self._raw else io for io in bindings]
+        slot = Slot(key, in_bufs, bindings, args)
+        self._slots[key] = slot
+        if len(self._slots) > MAX_SLOTS:
+            self._slots.popitem(last=False)
+        return slot
+
+    def run(self, slot: Slot) -> None:
+        """One run over the data already in ``slot.in_bufs``; the state advances only on success."""
+        if slot.out_bufs is None:
+            self._first_run(slot)
+        else:
+            self._run(slot.args[self.parity], None)
+        self.parity ^= 1
+
+    def _first_run(self, slot: Slot) -> None:
+        io = slot.bindings[self.parity]
+        self._run(slot.args[self.parity], None)
+        got = io.get_outputs()[: len(self.outputs)]
+        out_bufs = [np.array(v.numpy(), copy=True) for v in got]
+        for t, buf in zip(self.outputs, out_bufs):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            for other in slot.bindings:
+                other.bind_ortvalue_output(t.name, value)
+        slot.out_bufs = out_bufs
+
+    # --- state --------------------------------------------------------------------------------
+
+    def current(self) -> list:
+        """The OrtValues holding the state now, one per state."""
+        return self.bufs[self.parity]
+
+    def get_state(self) -> dict:
+        """{state input name: host copy}."""
+        if self.host is not None:
+            return {s.input: a.copy() for s, a in zip(self.states, self.host[self.parity])}
+        return {s.input: np.array(v.numpy(), copy=True) for s, v in zip(self.states, self.bufs[self.parity])}
+
+    def get_one(self, index: int) -> np.ndarray:
+        """A read-only view (CPU) or host copy (CUDA) of state ``index``; valid until the next run."""
+        if self.host is not None:
+            return self.host[self.parity][index]
+        return self.bufs[self.parity][index].numpy()
+
+    def set_state(self, values: dict) -> None:
+        """Overwrite states from {state input name: array of the exact shape and dtype}."""
+        for i, s in enumerate(self.states):
+            if s.input not in values:
+                continue
+            if self.host is not None:
+                np.copyto(self.host[self.parity][i], values[s.input])
+            else:
+                self.bufs[self.parity][i].update_inplace(np.ascontiguousarray(values[s.input]))
+
+    def zero_rows(self, rows) -> None:
+        """Reset the state of ``rows`` (a boolean mask or index array, or None for all)."""
+        for i, s in enumerate(self.states):
+            if rows is None or s.batch_axis is None:
+                if self.host is not None:
+                    self.host[self.parity][i].fill(0)
+                else:
+                    self.bufs[self.parity][i].update_inplace(np.zeros(s.shape_for(self.batch), s.dtype))
+                continue
+            index = (slice(None),) * s.batch_axis + (rows,)
+            if self.host is not None:
+                self.host[self.parity][i][index] = 0
+            else:
+                arr = np.array(self.bufs[self.parity][i].numpy(), copy=True)
+                arr[index] = 0
+                self.bufs[self.parity][i].update_inplace(arr)

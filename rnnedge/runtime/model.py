@@ -1,0 +1,126 @@
+"""``rnnedge.load``: a graph, its contract and its session, from which streams and pools are made."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from rnnedge.errors import UsageError
+from rnnedge.runtime.contract import METADATA_KEY, Contract, graph_io, read_contract
+from rnnedge.runtime.pool import Pool
+from rnnedge.runtime.providers import create_session
+from rnnedge.runtime.stream import Stream
+
+
+class Model:
+    """A loaded graph. Thread-safe: any number of threads may make and use their own
+    streams and pools from one Model (each Stream/Pool is for one thread at a time).
+
+    session: the onnxruntime InferenceSession. device: "cpu" or "cuda:N".
+    contract: the Contract (data inputs/outputs, states, axes, mode).
+    """
+
+    def __init__(self, session: ort.InferenceSession, contract: Contract, device: str, source: str):
+        self.session = session
+        self.contract = contract
+        self.device = device
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (f"<rnnedge Model {self.source} on {self.device}: inputs {self.input_names}, "
+                f"outputs {self.output_names}, states {self.state_names}>")
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's non-state inputs (data, and for foreign graphs any to bind as constants)."""
+        return [t.name for t in self.contract.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """The graph's data outputs (a step returns these)."""
+        return [t.name for t in self.contract.outputs]
+
+    @property
+    def state_names(self) -> list[str]:
+        """The state input names (the keys of ``Stream.state``)."""
+        return [s.input for s in self.contract.states]
+
+    @property
+    def metadata(self) -> dict | None:
+        """The parsed rnnedge metadata, or None for a graph without it."""
+        return self.contract.metadata
+
+    def stream(self, batch: int = 1, constants: dict | None = None) -> Stream:
+        """A new stream of ``batch`` rows with a zero state.
+
+        constants: {input name: array} for graph inputs that are neither data nor state
+        (e.g. a scalar sample rate of a foreign graph): bound once, not passed to step().
+        """
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise UsageError(f"batch must be an int >= 1, got {batch!r}")
+        data, bound = self._split(constants, "stream()")
+        for t in data:
+            if t.batch_axis is not None and isinstance(t.shape[t.batch_axis], int) \
+                    and t.shape[t.batch_axis] != batch:
+                raise UsageError(f"input {t.name!r} has a fixed batch of {t.shape[t.batch_axis]} "
+                                 f"in this graph; make streams with batch={t.shape[t.batch_axis]}")
+        return Stream(self, int(batch), data, bound)
+
+    def pool(self, constants: dict | None = None) -> Pool:
+        """A new, empty pool of single-row streams stepped as one batch (see Pool)."""
+        data, bound = self._split(constants, "pool()")
+        return Pool(self, data, bound)
+
+    def _split(self, constants, where: str) -> tuple[tuple, dict]:
+        """(data inputs, {name: OrtValue}) once ``constants`` are taken out of the inputs."""
+        constants = {} if constants is None else constants
+        if not isinstance(constants, dict):
+            raise UsageError(f"{where}: constants must be a dict {{input name: array}}, got "
+                             f"{type(constants).__name__}")
+        specs = {t.name: t for t in self.contract.inputs}
+        unknown = [name for name in constants if name not in specs]
+        if unknown:
+            raise UsageError(f"{where}: constants {unknown} are not non-state inputs of this graph; "
+                             f"it has {list(specs)}")
+        bound = {}
+        for name, value in constants.items():
+            value = np.asarray(value)
+            t = specs[name]
+            if value.dtype != t.dtype or value.ndim != len(t.shape) or any(
+                    isinstance(d, int) and d != g for d, g in zip(t.shape, value.shape)):
+                raise UsageError(f"{where}: constant {name!r} must be {t.describe()}, got "
+                                 f"{value.dtype.name}{list(value.shape)}")
+            value = np.ascontiguousarray(value).copy()  # ours: the caller may change theirs
+            if self.device.startswith("cuda"):
+                bound[name] = ort.OrtValue.ortvalue_from_numpy(value, "cuda", int(self.device[5:] or 0))
+            else:
+                bound[name] = ort.OrtValue.ortvalue_from_numpy(value)
+        data = tuple(t for t in self.contract.inputs if t.name not in bound)
+        return data, bound
+
+
+def load(path, device: str = "auto", threads: int | None = None, *, state_map: dict | None = None,
+         batch_axes: dict | None = None, time_axis: int | None = None) -> Model:
+    """Load an ONNX graph to stream it.
+
+    path: a .onnx file (or the serialized model as bytes).
+    device: "auto" (CUDA when usable, else CPU with one DeviceFallbackWarning), "cpu",
+        "cuda" or "cuda:N" (DeviceError when not usable).
+    threads: onnxruntime intra-op threads; None means 1 (best for per-step latency and for
+        many concurrent streams), 0 means onnxruntime's default (one per core).
+    state_map, batch_axes, time_axis: only for graphs without rnnedge metadata:
+        {state input: state output} pairs (default: found from naming conventions),
+        {tensor name: batch axis} overrides, and the time axis of the data tensors
+        (default: a dim named like time/T/seq, else none).
+    Raises ModelLoadError, ContractError, DeviceError or UsageError.
+    """
+    if not isinstance(path, (str, os.PathLike, bytes, bytearray)):
+        raise UsageError(f"path must be a file path or the model's bytes, got {type(path).__name__}")
+    source = "<bytes>" if isinstance(path, (bytes, bytearray)) else os.fspath(path)
+    session, actual = create_session(bytes(path) if isinstance(path, bytearray) else path, device, threads)
+    meta = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    contract = read_contract(meta, graph_io(session.get_inputs()), graph_io(session.get_outputs()),
+                             state_map=state_map, batch_axes=batch_axes, time_axis=time_axis)
+    return Model(session, contract, actual, source)

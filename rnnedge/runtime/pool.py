@@ -1,0 +1,214 @@
+"""A Pool: many independent single-row streams stepped together as one batched call.
+
+Each stream owns one row of a host-side store (one array per state, batch axis =
+capacity). A step gathers the rows of the streams it is given into an Engine of that
+batch size, runs once, and scatters the new rows back. While the same streams step in
+the same order, their rows simply stay in the engine (on the device for CUDA): the
+gather/scatter happens only when the set of streams in a step changes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from rnnedge.errors import ContractError, StepInputError, UsageError
+from rnnedge.runtime.engine import Engine
+from rnnedge.runtime.inputs import as_list, check, check_state
+
+MAX_ENGINES = 8  # batch sizes kept allocated
+
+
+class Pool:
+    """Steps many streams (each one row, batch 1) in one batched call; made by ``Model.pool``.
+
+    One pool is for one thread at a time.
+    """
+
+    def __init__(self, model, data: tuple, constants: dict):
+        contract = model.contract
+        unbatched = [t.name for t in data + contract.outputs if t.batch_axis is None] + \
+                    [s.input for s in contract.states if s.batch_axis is None]
+        if unbatched:
+            raise ContractError(f"a pool batches streams along the batch axis, but {unbatched} "
+                                "have none; pass batch_axes= to rnnedge.load, or use streams")
+        self.model = model
+        self._data = data
+        self._constants = constants
+        self._states = contract.states
+        self._outputs = contract.outputs
+        self._out_names = [t.name for t in contract.outputs]
+        self._single_out = len(self._out_names) == 1
+        self._capacity = 0
+        self._store = [np.zeros(s.shape_for(0), s.dtype) for s in self._states]
+        self._row: dict[int, int] = {}  # stream id -> row in the store
+        self._free: list[int] = []
+        self._next_id = 0
+        self._engines: OrderedDict = OrderedDict()  # batch size -> Engine
+        self._resident: tuple = ()  # ids whose rows live in the engine, in batch order
+        self._engine = None
+
+    # --- membership -------------------------------------------------------------------------
+
+    def add(self, state: dict | None = None) -> int:
+        """A new stream (zero state, or ``state`` as for one row); returns its id."""
+        if state is not None:
+            state = check_state(self._states, 1, state, "add(state)")
+        if not self._free:
+            self._grow()
+        sid = self._next_id
+        self._next_id += 1
+        row = self._free.pop()
+        self._row[sid] = row
+        for s, store in zip(self._states, self._store):
+            self._rows_view(s, store, row)[...] = 0 if state is None or s.input not in state else state[s.input]
+        return sid
+
+    def remove(self, sid: int) -> None:
+        """Forget stream ``sid``; its row is reused by a later ``add``."""
+        row = self._lookup(sid)
+        if sid in self._resident:
+            self._evict()
+        del self._row[sid]
+        self._free.append(row)
+
+    def reset(self, sid: int) -> None:
+        """Zero the state of stream ``sid``."""
+        row = self._lookup(sid)
+        if sid in self._resident:
+            mask = np.array([r == sid for r in self._resident])
+            self._engine.zero_rows(mask)
+        else:
+            for s, store in zip(self._states, self._store):
+                self._rows_view(s, store, row)[...] = 0
+
+    def get_state(self, sid: int) -> dict:
+        """A copy of stream ``sid``'s state: {state input name: array with batch 1}."""
+        row = self._lookup(sid)
+        if sid in self._resident:
+            self._evict()
+        return {s.input: self._rows_view(s, store, row).copy() for s, store in zip(self._states, self._store)}
+
+    def set_state(self, sid: int, values: dict) -> None:
+        """Overwrite stream ``sid``'s state (arrays with batch 1, checked exactly)."""
+        row = self._lookup(sid)
+        values = check_state(self._states, 1, values, "set_state()")
+        if sid in self._resident:
+            self._evict()
+        for s, store in zip(self._states, self._store):
+            if s.input in values:
+                self._rows_view(s, store, row)[...] = values[s.input]
+
+    @property
+    def ids(self) -> list[int]:
+        """The ids of the streams in the pool."""
+        return list(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, sid) -> bool:
+        return sid in self._row
+
+    # --- stepping -----------------------------------------------------------------------------
+
+    def step(self, inputs: dict) -> dict:
+        """Step the streams in ``inputs`` ({id: x}) as one batch; returns {id: y}.
+
+        x and y are as for a batch-1 ``Stream.step``: an array, or a dict by name for several
+        inputs/outputs. Every x in one call must have the same shape (same chunk length).
+        Streams not in ``inputs`` keep their state. Raises StepInputError (no state changed)
+        for a bad x or unknown id.
+        """
+        if not isinstance(inputs, dict) or not inputs:
+            raise StepInputError(f"pool.step() takes a non-empty dict {{stream id: input}}, got {inputs!r:.60}")
+        ids = tuple(inputs)
+        unknown = [sid for sid in ids if sid not in self._row]
+        if unknown:
+            raise StepInputError(f"pool.step(): unknown stream ids {unknown}")
+        per_stream = [as_list(self._data, inputs[sid], f"pool.step() stream {sid}") for sid in ids]
+        first = per_stream[0] = [check(t, a, 1, f"pool.step() stream {ids[0]}")
+                                 for t, a in zip(self._data, per_stream[0])]
+        for sid, arrays in zip(ids[1:], per_stream[1:]):
+            for i, (t, a) in enumerate(zip(self._data, arrays)):
+                if type(a) is np.ndarray and a.dtype == t.dtype and a.shape == first[i].shape:
+                    continue  # same as the first stream's, which is checked
+                a = check(t, a, 1, f"pool.step() stream {sid}")
+                if a.shape != first[i].shape:
+                    raise StepInputError(
+                        f"pool.step(): stream {sid} gives {t.name!r} shape {a.shape}, stream "
+                        f"{ids[0]} {first[i].shape}: all streams in one step need the same shape")
+                arrays[i] = a
+        if ids != self._resident:
+            self._evict()
+            self._gather(ids)
+        engine = self._engine
+        key = tuple(a.shape[:t.batch_axis] + (len(ids),) + a.shape[t.batch_axis + 1:]
+                    for a, t in zip(first, self._data))
+        slot = engine.slot(key)
+        for i, (t, buf) in enumerate(zip(self._data, slot.in_bufs)):
+            np.concatenate([arrays[i] for arrays in per_stream], axis=t.batch_axis, out=buf)
+        engine.run(slot)
+        results = []
+        for t, buf in zip(self._outputs, slot.out_bufs):
+            results.append([buf[(slice(None),) * t.batch_axis + (slice(j, j + 1),)].copy()
+                            for j in range(len(ids))])
+        if self._single_out:
+            return dict(zip(ids, results[0]))
+        return {sid: {name: res[j] for name, res in zip(self._out_names, results)}
+                for j, sid in enumerate(ids)}
+
+    # --- rows ---------------------------------------------------------------------------------
+
+    def _lookup(self, sid) -> int:
+        row = self._row.get(sid)
+        if row is None:
+            raise UsageError(f"no stream with id {sid!r} in this pool")
+        return row
+
+    @staticmethod
+    def _rows_view(s, store, rows):
+        """The row(s) ``rows`` (an int or a slice) of a store array along the state's batch axis."""
+        if isinstance(rows, (int, np.integer)):
+            rows = slice(rows, rows + 1)
+        return store[(slice(None),) * s.batch_axis + (rows,)]
+
+    def _grow(self) -> None:
+        old = self._capacity
+        self._capacity = max(8, old * 2)
+        grown = []
+        for s, store in zip(self._states, self._store):
+            new = np.zeros(s.shape_for(self._capacity), s.dtype)
+            self._rows_view(s, new, slice(0, old))[...] = store
+            grown.append(new)
+        self._store = grown
+        self._free.extend(range(self._capacity - 1, old - 1, -1))
+
+    def _engine_for(self, batch: int) -> Engine:
+        engine = self._engines.get(batch)
+        if engine is None:
+            engine = Engine(self.model, batch, self._data, self._constants)
+            self._engines[batch] = engine
+            if len(self._engines) > MAX_ENGINES:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(batch)
+        return engine
+
+    def _gather(self, ids: tuple) -> None:
+        rows = np.array([self._row[sid] for sid in ids])
+        engine = self._engine_for(len(ids))
+        engine.set_state({s.input: np.take(store, rows, axis=s.batch_axis)
+                          for s, store in zip(self._states, self._store)})
+        self._engine = engine
+        self._resident = ids
+
+    def _evict(self) -> None:
+        """Write the resident rows back to the store; afterwards no stream is resident."""
+        if not self._resident:
+            return
+        rows = np.array([self._row[sid] for sid in self._resident])
+        for i, (s, store) in enumerate(zip(self._states, self._store)):
+            store[(slice(None),) * s.batch_axis + (rows,)] = self._engine.get_one(i)
+        self._resident = ()
+        self._engine = None

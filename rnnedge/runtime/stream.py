@@ -1,0 +1,139 @@
+"""A Stream: one batch of sequences fed step by step (or chunk by chunk), state carried."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rnnedge.errors import StepInputError, UsageError
+from rnnedge.runtime.engine import Engine
+from rnnedge.runtime.inputs import as_list, check, check_state
+
+
+class Stream:
+    """Feeds ``batch`` independent sequences through the graph, carrying the state.
+
+    Made by ``Model.stream``. One stream is for one thread at a time; make one stream per
+    thread (they can share the Model).
+    """
+
+    def __init__(self, model, batch: int, data: tuple, constants: dict):
+        self.model = model
+        self.batch = batch
+        self._data = data
+        self._engine = Engine(model, batch, data, constants)
+        self._single = len(data) == 1
+        self._dtype = data[0].dtype if self._single else None
+        self._out_names = [t.name for t in model.contract.outputs]
+        self._single_out = len(self._out_names) == 1
+        self._slot = None  # the bindings of the last step's input shapes
+
+    @property
+    def input_names(self) -> list[str]:
+        """The data inputs ``step`` takes (graph inputs bound as constants excluded)."""
+        return [t.name for t in self._data]
+
+    def step(self, x):
+        """Run one call (one step, or one chunk along the time axis) and carry the state.
+
+        x: for a single data input an array shaped as the graph input with this stream's
+        batch (e.g. (batch, time, F) or, for step graphs, (batch, F)); for several data
+        inputs a dict {name: array}. Returns the data output as a new array, or for
+        several outputs a dict {name: array}. Raises StepInputError (state untouched)
+        when ``x`` does not match the contract.
+        """
+        slot = self._slot
+        if self._single and type(x) is np.ndarray:
+            if slot is None or x.shape != slot.key[0] or x.dtype != self._dtype:
+                slot = self._prepare([x])
+            slot.in_bufs[0][...] = x  # faster than np.copyto for small arrays
+        else:
+            arrays = as_list(self._data, x, "step()")
+            if slot is None or any(
+                    type(a) is not np.ndarray or a.shape != k or a.dtype != t.dtype
+                    for a, k, t in zip(arrays, slot.key, self._data)):
+                slot = self._prepare(arrays)
+            for buf, a in zip(slot.in_bufs, arrays):
+                buf[...] = a
+        engine = self._engine
+        if slot.out_bufs is None:
+            engine.run(slot)
+        else:  # Engine.run inlined: this is the per-step hot path
+            parity = engine.parity
+            engine._run(slot.args[parity], None)
+            engine.parity = parity ^ 1
+        if self._single_out:
+            return slot.out_bufs[0].copy()
+        return {name: buf.copy() for name, buf in zip(self._out_names, slot.out_bufs)}
+
+    __call__ = step
+
+    def _prepare(self, arrays: list):
+        arrays = [check(t, a, self.batch, "step()") for t, a in zip(self._data, arrays)]
+        slot = self._engine.slot(tuple(a.shape for a in arrays))
+        self._slot = slot
+        return slot
+
+    def run(self, x, chunk: int = 1):
+        """Feed a long input along the time axis in chunks of ``chunk`` steps.
+
+        x: as for ``step`` but with any number of time steps (>= 1). Returns the outputs
+        of every chunk concatenated along the time axis, as ``step`` returns them. Equals
+        one call over the whole input when the graph streams. Only for graphs with a time
+        axis in mode "stream" (UsageError otherwise). On any error the state is as before.
+        """
+        contract = self.model.contract
+        if contract.mode != "stream":
+            raise UsageError("run() streams in chunks, but this graph is mode 'sequence' (one "
+                             "whole sequence per call, e.g. bidirectional): call step() instead")
+        untimed = [t.name for t in self._data + contract.outputs if t.time_axis is None]
+        if untimed:
+            raise UsageError(f"run() needs a time axis, but {untimed} have none (a step graph "
+                             "takes one step per call): call step() once per step")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise UsageError(f"chunk must be an int >= 1, got {chunk!r}")
+        arrays = [check(t, a, self.batch, "run()") for t, a in
+                  zip(self._data, as_list(self._data, x, "run()"))]
+        lengths = {a.shape[t.time_axis] for a, t in zip(arrays, self._data)}
+        if len(lengths) != 1:
+            raise StepInputError(f"run(): the data inputs have different time lengths {sorted(lengths)}")
+        total = lengths.pop()
+        saved = self._engine.get_state()
+        pieces: list[list] = [[] for _ in contract.outputs]
+        try:
+            for start in range(0, total, chunk):
+                feed = {t.name: a[(slice(None),) * t.time_axis + (slice(start, start + chunk),)]
+                        for t, a in zip(self._data, arrays)}
+                y = self.step(feed)
+                outs = [y] if self._single_out else [y[n] for n in self._out_names]
+                for piece, out in zip(pieces, outs):
+                    piece.append(out)
+        except BaseException:
+            self._engine.set_state(saved)
+            raise
+        joined = [np.concatenate(piece, axis=t.time_axis) for piece, t in zip(pieces, contract.outputs)]
+        return joined[0] if self._single_out else dict(zip(self._out_names, joined))
+
+    def reset(self, mask=None) -> None:
+        """Zero the state of every row, or of the rows where ``mask`` (bool, (batch,)) is True."""
+        if mask is None:
+            self._engine.zero_rows(None)
+            return
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_ or mask.shape != (self.batch,):
+            raise UsageError(f"reset(mask): mask must be a bool array of shape ({self.batch},), got "
+                             f"{mask.dtype.name}{list(mask.shape)}")
+        unbatched = [s.input for s in self.model.contract.states if s.batch_axis is None]
+        if unbatched:
+            raise UsageError(f"reset(mask): states {unbatched} have no batch axis, so rows cannot be "
+                             "reset one by one; call reset() for all rows")
+        self._engine.zero_rows(mask)
+
+    @property
+    def state(self) -> dict:
+        """A copy of the state: {state input name: array shaped as the state for this batch}."""
+        return self._engine.get_state()
+
+    @state.setter
+    def state(self, values: dict) -> None:
+        # All checked before any is written, so a bad assignment changes nothing.
+        self._engine.set_state(check_state(self.model.contract.states, self.batch, values, "state"))
