@@ -252,15 +252,19 @@ def _listing(inputs: list[GraphIO], outputs: list[GraphIO]) -> str:
 
 
 def _example_map(inputs: list[GraphIO], outputs: list[GraphIO]) -> dict:
-    """A plausible state_map for the error message: same dtype and rank, in order."""
+    """A plausible state_map for an error message: a state keeps its shape and dtype."""
     example, used = {}, set()
-    for i in inputs:
-        for o in outputs:
-            if o.name not in used and o.dtype == i.dtype and len(o.shape) == len(i.shape) \
-                    and len(i.shape) > 0:
-                example[i.name] = o.name
-                used.add(o.name)
-                break
+    for same in (lambda a, b: a.shape == b.shape, lambda a, b: len(a.shape) == len(b.shape)):
+        for i in inputs:
+            if i.name in example or not i.shape:
+                continue
+            for o in outputs:
+                if o.name not in used and o.dtype == i.dtype and same(i, o):
+                    example[i.name] = o.name
+                    used.add(o.name)
+                    break
+        if example:
+            break
     return example or {"<state input>": "<state output>"}
 
 
@@ -279,7 +283,8 @@ def pair_states(inputs: list[GraphIO], outputs: list[GraphIO], state_map: dict |
               [v for v in state_map.values() if v not in out_names]
         if bad or len(set(state_map.values())) != len(state_map):
             what = f"unknown names {bad}" if bad else "an output paired twice"
-            raise ContractError(f"state_map {state_map} has {what}; {_listing(inputs, outputs)}")
+            raise ContractError(f"state_map {state_map} has {what}; {_listing(inputs, outputs)}; "
+                                f"e.g. state_map={_example_map(inputs, outputs)!r}")
         for i, o in state_map.items():
             a, b = in_names[i], out_names[o]
             if a.dtype != b.dtype or len(a.shape) != len(b.shape):

@@ -2,9 +2,9 @@
 
 Each stream owns one row of a host-side store (one array per state, batch axis =
 capacity). A step gathers the rows of the streams it is given into an Engine of that
-batch size, runs once, and scatters the new rows back. While the same streams step in
-the same order, their rows simply stay in the engine (on the device for CUDA): the
-gather/scatter happens only when the set of streams in a step changes.
+batch size and runs once. While the same streams step in the same order, their rows
+simply stay in the engine (on the device for CUDA): rows are scattered back and gathered
+anew only when the set or order of streams in a step changes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Pool:
         self._next_id = 0
         self._engines: OrderedDict = OrderedDict()  # batch size -> Engine
         self._resident: tuple = ()  # ids whose rows live in the engine, in batch order
+        self._shapes = None  # per-stream input shapes of the last checked step
         self._engine = None
 
     # --- membership -------------------------------------------------------------------------
@@ -86,8 +87,10 @@ class Pool:
     def get_state(self, sid: int) -> dict:
         """A copy of stream ``sid``'s state: {state input name: array with batch 1}."""
         row = self._lookup(sid)
-        if sid in self._resident:
-            self._evict()
+        if sid in self._resident:  # read it where it lives, so the next step need not regather
+            pos = self._resident.index(sid)
+            return {s.input: self._rows_view(s, self._engine.get_one(i), pos).copy()
+                    for i, s in enumerate(self._states)}
         return {s.input: self._rows_view(s, store, row).copy() for s, store in zip(self._states, self._store)}
 
     def set_state(self, sid: int, values: dict) -> None:
@@ -124,40 +127,67 @@ class Pool:
         if not isinstance(inputs, dict) or not inputs:
             raise StepInputError(f"pool.step() takes a non-empty dict {{stream id: input}}, got {inputs!r:.60}")
         ids = tuple(inputs)
-        unknown = [sid for sid in ids if sid not in self._row]
-        if unknown:
-            raise StepInputError(f"pool.step(): unknown stream ids {unknown}")
-        per_stream = [as_list(self._data, inputs[sid], f"pool.step() stream {sid}") for sid in ids]
-        first = per_stream[0] = [check(t, a, 1, f"pool.step() stream {ids[0]}")
-                                 for t, a in zip(self._data, per_stream[0])]
-        for sid, arrays in zip(ids[1:], per_stream[1:]):
-            for i, (t, a) in enumerate(zip(self._data, arrays)):
-                if type(a) is np.ndarray and a.dtype == t.dtype and a.shape == first[i].shape:
-                    continue  # same as the first stream's, which is checked
-                a = check(t, a, 1, f"pool.step() stream {sid}")
-                if a.shape != first[i].shape:
-                    raise StepInputError(
-                        f"pool.step(): stream {sid} gives {t.name!r} shape {a.shape}, stream "
-                        f"{ids[0]} {first[i].shape}: all streams in one step need the same shape")
-                arrays[i] = a
+        columns = self._checked(ids, inputs)
         if ids != self._resident:
             self._evict()
             self._gather(ids)
         engine = self._engine
-        key = tuple(a.shape[:t.batch_axis] + (len(ids),) + a.shape[t.batch_axis + 1:]
-                    for a, t in zip(first, self._data))
+        n = len(ids)
+        key = tuple(col[0].shape[:t.batch_axis] + (n,) + col[0].shape[t.batch_axis + 1:]
+                    for col, t in zip(columns, self._data))
         slot = engine.slot(key)
-        for i, (t, buf) in enumerate(zip(self._data, slot.in_bufs)):
-            np.concatenate([arrays[i] for arrays in per_stream], axis=t.batch_axis, out=buf)
+        for t, buf, col in zip(self._data, slot.in_bufs, columns):
+            np.concatenate(col, axis=t.batch_axis, out=buf)
         engine.run(slot)
         results = []
         for t, buf in zip(self._outputs, slot.out_bufs):
-            results.append([buf[(slice(None),) * t.batch_axis + (slice(j, j + 1),)].copy()
-                            for j in range(len(ids))])
+            # One copy for all streams, each getting a disjoint batch-1 view: the batch axis
+            # moved to the front and a size-1 axis left in its place, split by list().
+            ax = t.batch_axis
+            results.append(list(np.moveaxis(np.expand_dims(buf.copy(), ax + 1), ax, 0)))
         if self._single_out:
             return dict(zip(ids, results[0]))
         return {sid: {name: res[j] for name, res in zip(self._out_names, results)}
                 for j, sid in enumerate(ids)}
+
+    def _checked(self, ids: tuple, inputs: dict) -> list:
+        """[[array per stream] per data input], every one checked; raises StepInputError.
+
+        Arrays that look like the last step's (type, dtype, shape) pass on cheap compares;
+        others get the full check, and all must share the first stream's shapes.
+        """
+        data, rows = self._data, self._row
+        ref = self._shapes
+        columns: list[list] = [[] for _ in data]
+        if len(data) == 1 and ref is not None:  # the common case, kept tight
+            col, dtype, shape = columns[0], data[0].dtype, ref[0]
+            for sid in ids:
+                x = inputs[sid]
+                if sid not in rows or type(x) is not np.ndarray or x.dtype != dtype or x.shape != shape:
+                    break
+                col.append(x)
+            else:
+                return columns
+            columns = [[] for _ in data]
+        for k, sid in enumerate(ids):
+            if sid not in rows:
+                raise StepInputError(f"pool.step(): unknown stream id {sid!r}; the pool has {self.ids}")
+            x = inputs[sid]
+            arrays = [x] if len(data) == 1 and type(x) is np.ndarray else \
+                as_list(data, x, f"pool.step() stream {sid}")
+            if ref is None or any(type(a) is not np.ndarray or a.dtype != t.dtype or a.shape != shape
+                                  for a, t, shape in zip(arrays, data, ref)):
+                arrays = [check(t, a, 1, f"pool.step() stream {sid}") for t, a in zip(data, arrays)]
+                shapes = tuple(a.shape for a in arrays)
+                if k and shapes != ref:
+                    raise StepInputError(
+                        f"pool.step(): stream {sid} gives shapes {list(shapes)}, stream {ids[0]} "
+                        f"{list(ref)}: all streams in one step need the same shapes")
+                ref = shapes
+            for col, a in zip(columns, arrays):
+                col.append(a)
+        self._shapes = ref
+        return columns
 
     # --- rows ---------------------------------------------------------------------------------
 
