@@ -1,7 +1,10 @@
 """Translate PyTorch's recurrent layers into fused ONNX RNN/LSTM/GRU nodes, one per layer.
 
 These functions only add nodes to a ``GraphBuilder``; they never unroll time and never
-emit Loop/If, so the time and batch axes stay dynamic by construction.
+emit Loop/If, so the time and batch axes stay dynamic by construction. They use only
+``g.op``, ``g.const`` and ``g.ints`` and test optional values with ``is None``, so any
+object with that interface works as ``g`` (``trace.OnnxscriptBuilder`` emits through
+onnxscript inside torch.onnx.export).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def _fused_node(g, kind, module, lw, x, h0, c0, seq_lens, hint):
         g.const(lw.W, f"{hint}_W"),
         g.const(lw.R, f"{hint}_R"),
         "" if lw.B is None else g.const(lw.B, f"{hint}_B"),
-        seq_lens or "",
+        "" if seq_lens is None else seq_lens,
         h0,
     ]
     if kind == "LSTM":
@@ -64,7 +67,7 @@ def emit_stack(
         if module.num_layers > 1:
             bounds = (g.ints([layer * dirs]), g.ints([(layer + 1) * dirs]), g.ints([0]))
             h_l = g.op("Slice", [h0, *bounds], hint=f"{hint}_h0")
-            c_l = g.op("Slice", [c0, *bounds], hint=f"{hint}_c0") if c0 else None
+            c_l = g.op("Slice", [c0, *bounds], hint=f"{hint}_c0") if c0 is not None else None
         if lw.unproj is not None:
             h_l = g.op("MatMul", [h_l, g.const(lw.unproj, f"{hint}_unproj")], hint=f"{hint}_h0raw")
         y, h_n, c_n = _fused_node(g, kind, module, lw, x, h_l, c_l, seq_lens, hint)
@@ -79,7 +82,7 @@ def emit_stack(
         cs.append(c_n)
     hn = g.op("Concat", hs, axis=0, hint="hn_all") if len(hs) > 1 else hs[0]
     cn = None
-    if c0:
+    if c0 is not None:
         cn = g.op("Concat", cs, axis=0, hint="cn_all") if len(cs) > 1 else cs[0]
     return x, hn, cn
 
@@ -94,8 +97,8 @@ def emit_cell(g: GraphBuilder, module: nn.Module, x: str, h0: str, c0: str | Non
     axis0 = g.ints([0])
     x3 = g.op("Unsqueeze", [x, axis0], hint="x_step")
     h3 = g.op("Unsqueeze", [h0, axis0], hint="h_step")
-    c3 = g.op("Unsqueeze", [c0, axis0], hint="c_step") if c0 else None
+    c3 = g.op("Unsqueeze", [c0, axis0], hint="c_step") if c0 is not None else None
     _, h_n, c_n = _fused_node(g, kind, module, lw, x3, h3, c3, None, "cell")
     hn = g.op("Squeeze", [h_n, axis0], hint="h_next")
-    cn = g.op("Squeeze", [c_n, axis0], hint="c_next") if c0 else None
+    cn = g.op("Squeeze", [c_n, axis0], hint="c_next") if c0 is not None else None
     return hn, cn
