@@ -278,12 +278,12 @@ def parse_input_shape(text: str) -> tuple:
     for part in (p.strip() for p in text.split(",")):
         if part.isdigit() and int(part) > 0:
             axes.append(int(part))
-        elif part.isidentifier():
+        elif part in ("batch", "time"):
             axes.append(part)
         else:
             raise UsageError(
-                f"--input-shape must be comma-separated axis names and positive sizes "
-                f"(e.g. batch,time,16), got {text!r}"
+                f"--input-shape must be comma-separated axes: 'batch', 'time' (dynamic) or "
+                f"positive sizes, e.g. batch,time,16; got {text!r}"
             )
     if "batch" not in axes:
         raise UsageError(f"--input-shape needs a 'batch' axis (e.g. batch,time,16), got {text!r}")

@@ -163,6 +163,7 @@ def test_torchscript_of_a_whole_model_explains_the_way_out(tmp_path):
     ("batch,time,7", "expected batch,time,6"),
     ("time,batch,6", "expected batch,time,6"),
     ("batch,time,six!", "comma-separated"),
+    ("batch,frames,6", "comma-separated"),
     ("time,6", "needs a 'batch' axis"),
 ])
 def test_input_shape_errors(tmp_path, pickled, shape, pattern):

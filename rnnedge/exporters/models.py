@@ -39,6 +39,7 @@ so that no dynamic size is specialised, and the graph is checked to keep them dy
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 from collections.abc import Callable
@@ -561,46 +562,49 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
     def batch_probe(b, state):
         return call_step(_at_size(examples, inputs, b, time), state)
 
-    if not step and fits_state:
-        try:
-            step = _looks_like_step(call_step(probe_x, None))
-        except RnnedgeError:
-            raise
-        except Exception:  # noqa: BLE001 - not a step-protocol forward after all
-            step = False
-    if not step and not layers:
-        raise UnsupportedModelError(
-            f"{what} has no recurrent layer and no step protocol, so there is no state to "
-            f"carry between calls; {PROTOCOL}"
-        )
-    if not step and (len(examples) < n_required
-                     or (n_params is not None and len(examples) > n_params)):
-        raise UsageError(
-            f"{what}.forward takes {n_required} to {n_params} input(s) but example_input "
-            f"gives {len(examples)}"
-        )
+    # The first eager runs of the user's forward: an exception here means the example
+    # (or --input-shape) does not fit the model, which is the caller's to fix.
+    with _user_forward(what, examples):
+        if not step and fits_state:
+            try:
+                step = _looks_like_step(call_step(probe_x, None))
+            except RnnedgeError:
+                raise
+            except Exception:  # noqa: BLE001 - not a step-protocol forward after all
+                step = False
+        if not step and not layers:
+            raise UnsupportedModelError(
+                f"{what} has no recurrent layer and no step protocol, so there is no state to "
+                f"carry between calls; {PROTOCOL}"
+            )
+        if not step and (len(examples) < n_required
+                         or (n_params is not None and len(examples) > n_params)):
+            raise UsageError(
+                f"{what}.forward takes {n_required} to {n_params} input(s) but example_input "
+                f"gives {len(examples)}"
+            )
 
-    if step and init is None and layers:
-        try:
+        if step and init is None and layers:
+            try:
+                state = _discover_state(model, batch_probe)
+            except UnsupportedModelError:
+                step = False  # forward(x, None) gave (output, something) that is no state
+        elif step:
             state = _discover_state(model, batch_probe)
-        except UnsupportedModelError:
-            step = False  # forward(x, None) gave (output, something) that is no state
-    elif step:
-        state = _discover_state(model, batch_probe)
-    # Integer inputs are sampled over the vocabulary of the nn.Embedding that reads them.
-    if step:
-        ranges = _token_ranges(model, lambda: call_step(probe_x, state.build(state.zeros(tb))),
-                               probe_x)
-    else:
-        ranges = _token_ranges(model, lambda: _probe_model(ctx, model, probe_x), probe_x)
-    for k, (info, x) in enumerate(zip(inputs, examples)):
-        if info.dtype.startswith("int"):
-            info.low, info.high = ranges.get(k, (int(x.min()), int(x.max()) + 1))
+        # Integer inputs are sampled over the vocabulary of the nn.Embedding that reads them.
+        if step:
+            ranges = _token_ranges(model, lambda: call_step(probe_x, state.build(state.zeros(tb))),
+                                   probe_x)
+        else:
+            ranges = _token_ranges(model, lambda: _probe_model(ctx, model, probe_x), probe_x)
+        for k, (info, x) in enumerate(zip(inputs, examples)):
+            if info.dtype.startswith("int"):
+                info.low, info.high = ranges.get(k, (int(x.min()), int(x.max()) + 1))
 
-    if step:
-        form = _step_form(model, ctx, state, inputs, probe_x, tb, mode)
-    else:
-        form = _lift_form(model, ctx, inputs, probe_x, mode)
+        if step:
+            form = _step_form(model, ctx, state, inputs, probe_x, tb, mode)
+        else:
+            form = _lift_form(model, ctx, inputs, probe_x, mode)
 
     sample = make_sample(inputs)
     if not hinted and tt is not None and not _runs_at_other_length(form, sample, tb, tt):
@@ -625,6 +629,21 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
                       tuple(form.state_specs), time_axis, opset, source_of(model))
     graph = _export(form, spec, inputs, trace_x, tb, what)
     return Plan(spec, graph, _reference(form, spec), sample)
+
+
+@contextlib.contextmanager
+def _user_forward(what: str, examples):
+    try:
+        yield
+    except RnnedgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code can raise anything
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in examples)
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(
+            f"{what}.forward fails on an input of shape {shapes} ({type(exc).__name__}: {line}); "
+            "check that the input shape and dtype (--input-shape, --input-dtype) fit the model"
+        ) from exc
 
 
 def _probe_model(ctx: trace.Context, model: nn.Module, x):
