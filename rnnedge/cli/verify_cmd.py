@@ -1,0 +1,95 @@
+"""``rnnedge verify OUT.onnx --against MODEL``: the parity gate again, on the file as written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from rnnedge.cli.common import handles_errors, model_options, progress_status
+
+DEVICES = click.Choice(["cpu", "cuda", "auto"])
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def print_report(report, console=None) -> None:
+    """The per-case and per-tensor tables, then one summary line."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=120)
+    precision = "" if report.precision == "fp32" else f"{report.precision} graph, "
+    cases = Table(title=f"parity of {report.path.name} against {report.source} "
+                        f"({precision}atol {report.atol:g}, rtol {report.rtol:g}, {report.device})")
+    for col, justify in (("case", "left"), ("max abs", "right"), ("max rel", "right"), ("result", "left")):
+        cases.add_column(col, justify=justify)
+    for c in report.cases:
+        if c.passed:
+            result = "[green]ok[/green]"
+        elif c.error:
+            result = f"[red]FAILED to run: {c.error[:60]}[/red]"
+        else:
+            result = "[red]MISS " + ", ".join(t for t, _, _ in c.misses) + "[/red]"
+        cases.add_row(c.name, _fmt(c.max_abs), _fmt(c.max_rel), result)
+    console.print(cases)
+    tensors = Table(title="worst per tensor over all cases")
+    for col, justify in (("tensor", "left"), ("role", "left"), ("max abs", "right"),
+                         ("max rel", "right"), ("worst case", "left"), ("result", "left")):
+        tensors.add_column(col, justify=justify)
+    for t in report.tensors:
+        tensors.add_row(t["name"], t["role"], _fmt(t["max_abs"]), _fmt(t["max_rel"]),
+                        t["worst_case"] or "(bit-exact)",
+                        "[green]ok[/green]" if t["passed"] else "[red]MISS[/red]")
+    console.print(tensors)
+
+
+@click.command("verify")
+@click.argument("graph_path", metavar="GRAPH", type=click.Path(dir_okay=False))
+@click.option("--against", "model_path", metavar="MODEL", required=True, type=click.Path(dir_okay=False),
+              help="The PyTorch model file the graph was exported from.")
+@model_options
+@click.option("--device", type=DEVICES, default="cpu", show_default=True,
+              help="Where onnxruntime runs the graph (cuda: CUDA provider; auto: CUDA if usable).")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance (default from the graph's dtype; float32: 1e-5).")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (float32 default: 1e-4).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (exit status as without).")
+@handles_errors
+def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape, input_dtype,
+            device, atol, rtol, as_json):
+    """Re-run the parity gate of GRAPH against MODEL and print the error per case and tensor.
+
+    The plan (eager reference, seeded inputs) is rebuilt from MODEL; the gate runs on
+    GRAPH's own bytes. --input-shape defaults to the graph's input. Exit 1 on any miss.
+    """
+    import warnings
+
+    from rnnedge.loading import load_model, parse_input_shape
+    from rnnedge.verify import raise_on_failure, verify
+
+    with progress_status(not as_json) as status, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status(f"loading {model_path}")
+        module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
+        axes = parse_input_shape(input_shape) if input_shape else None
+        report = verify(graph_path, module, input_axes=axes, input_dtype=input_dtype if axes else None,
+                        atol=atol, rtol=rtol, device=device, source=str(model_path),
+                        progress=lambda case: status(f"parity gate: {case}"))
+    for w in caught:  # e.g. device=auto falling back to the CPU: one line, not a traceback
+        if "rnnedge" in str(w.message):
+            click.echo(f"note: {str(w.message).removeprefix('rnnedge: ')}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        print_report(report)
+        if report.passed:
+            click.echo(
+                f"verified: {report.path.name} equals {model_path}: {len(report.cases)} cases passed, "
+                f"max abs {report.max_abs:.2g}, max rel {report.max_rel:.2g} "
+                f"({'' if report.precision == 'fp32' else report.precision + ', '}"
+                f"atol {report.atol:g}, rtol {report.rtol:g}, {report.device})"
+            )
+    raise_on_failure(report)
