@@ -9,9 +9,10 @@ from pathlib import Path
 
 import onnx
 
-from rnnedge.atomic import write_bytes_atomic
-from rnnedge.errors import ExportError, UnsupportedModelError, UsageError
+from rnnedge.atomic import atomic_path
+from rnnedge.errors import ExportError, ParityError, UnsupportedModelError, UsageError
 from rnnedge.exporters import parity
+from rnnedge.exporters import precision as precision_mod
 from rnnedge.exporters.layers import STACKS, is_layer, plan_layer
 from rnnedge.exporters.layers import input_axes as layer_axes
 from rnnedge.exporters.spec import METADATA_KEY, check_opset, tolerance
@@ -29,6 +30,11 @@ class ExportReport:
     atol: float = 0.0
     rtol: float = 0.0
     graph: dict = field(default_factory=dict)  # summary: ops, nodes, initializers, bytes
+    precision: str = "fp32"  # "fp32" | "fp16" | "int8"
+    device: str = "cpu"  # where the gate ran the graph ("cpu", "cuda:0")
+    fp32_bytes: int = 0  # size of the float32 graph, to compare a reduced precision with
+    triton: Path | None = None  # the Triton model folder written, if any
+    triton_cases: list = field(default_factory=list)  # gate results of the Triton variant
 
     @property
     def max_abs(self) -> float:
@@ -107,6 +113,9 @@ def export(
     lengths: bool | None = None,
     input_axes: list | None = None,
     progress: Callable[[str], None] | None = None,
+    precision: str = "fp32",
+    triton_repo: str | os.PathLike | None = None,
+    triton_name: str | None = None,
 ) -> ExportReport:
     """Export ``model`` to a stateful step-wise ONNX graph at ``path``, proven by the gate.
 
@@ -119,10 +128,18 @@ def export(
         PackedSequence gives; defaults to True in sequence mode for layers.
     input_axes: optional, per data input, its axes as names (dynamic: "batch", "time")
         and integers (fixed sizes), e.g. [("batch", "time", 16)]; checked against the model.
+    precision: "fp32"; "int8" (dynamic int8 weights, for CPUs) or "fp16" (float16 weights
+        and activations with float32 inputs/outputs, for GPUs), gated with the looser
+        tolerances of spec.TOLERANCES["int8"] / ["float16"] (see docs/deploy.md).
+    triton_repo: also write a Triton model repository there: ``<triton_repo>/<name>/
+        {config.pbtxt, 1/model.onnx}`` with a batch-first variant of the graph (stream mode
+        only), gated too. triton_name: the model's name (default: ``path``'s stem).
     Raises UsageError for bad arguments, UnsupportedModelError, ExportError, and
     ParityError when the graph differs from eager PyTorch; nothing is written then.
     """
     opset = check_opset(opset)
+    precision = precision_mod.check_precision(precision)
+    triton_target = _triton_target(path, mode, triton_repo, triton_name)
     if lengths is None:
         lengths = mode == "sequence" and isinstance(model, STACKS)
     was_training = bool(getattr(model, "training", False))
@@ -130,29 +147,96 @@ def export(
         model.eval()  # inference semantics: dropout off
     try:
         return _export(model, path, example_input, mode, opset, atol, rtol, lengths,
-                       input_axes, progress)
+                       input_axes, progress, precision, triton_target)
     finally:
         if was_training:
             model.train()
 
 
-def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_axes, progress):
+def _triton_target(path, mode, triton_repo, triton_name):
+    """(repo, name) for a Triton export, checked before any work; None without one."""
+    if triton_repo is None:
+        if triton_name is not None:
+            raise UsageError("triton_name needs triton_repo (--triton-name needs --triton-repo)")
+        return None
+    from rnnedge import triton
+
+    if mode != "stream":
+        raise UsageError(
+            "a Triton repository needs mode='stream': Triton's sequence batcher carries each "
+            "stream's state from call to call; a sequence-mode graph takes whole sequences"
+        )
+    name = triton.check_name(Path(path).stem if triton_name is None else triton_name)
+    triton.check_target(triton_repo, name)
+    return Path(triton_repo), name
+
+
+def _gate(plan, data, precision, atol, rtol, providers, device, progress):
+    """(results, metadata summary) of the parity gate for a ``precision`` graph; raises
+    ParityError on a failed case."""
+    if precision == "fp32":
+        results = parity.run_gate(plan, data, atol, rtol, providers=providers, progress=progress)
+        parity.raise_on_failure(results, atol, rtol)
+        return results, parity.summarize(results)
+    # Reduced precision: drift-bounded sequences plus exact teacher-forced steps (see
+    # precision.py); the summary says what the graph was proven as, and where.
+    results = precision_mod.run_gate(plan, data, precision, atol, rtol, providers=providers,
+                                     progress=progress)
+    precision_mod.raise_on_failure(results, precision, atol, rtol)
+    return results, precision_mod.summarize(results, precision, device, atol, rtol)
+
+
+def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_axes, progress,
+            precision="fp32", triton_target=None):
     plan = make_plan(model, example_input, mode, opset, lengths, input_axes)
     dtype = plan.spec.outputs[0].dtype if plan.spec.outputs else "float32"
-    atol, rtol = tolerance(dtype, atol, rtol)
+    atol, rtol = tolerance(precision_mod.tolerance_key(precision, dtype), atol, rtol)
 
-    graph = plan.graph
+    fp32_bytes = len(plan.graph.SerializeToString())
+    graph = precision_mod.convert(plan.graph, precision)
     data = check_graph(graph)
-    results = parity.run_gate(plan, data, atol, rtol, progress=progress)
-    parity.raise_on_failure(results, atol, rtol)
+    providers, device = precision_mod.gate_providers(precision, data)
+    results, summary = _gate(plan, data, precision, atol, rtol, providers, device, progress)
 
-    metadata = plan.spec.metadata(parity.summarize(results))
-    set_metadata(graph, plan.spec.metadata_json(parity.summarize(results)))
+    triton_out = None
+    if triton_target is not None:
+        triton_out = _triton_variant(plan, graph, triton_target, precision, atol, rtol,
+                                     providers, device, progress)
+
+    metadata = plan.spec.metadata(summary)
+    set_metadata(graph, plan.spec.metadata_json(summary))
     data = graph.SerializeToString()
     if len(data) >= 2**31:
         raise UnsupportedModelError(
             "the graph is over 2 GB, which a single ONNX file cannot hold; rnnedge writes "
             "self-contained files only"
         )
-    out = write_bytes_atomic(path, data)
-    return ExportReport(out, metadata, results, atol, rtol, graph_summary(graph, len(data)))
+    triton_dir = None
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        if triton_out is not None:
+            # Inside the file's atomic write: if the repository cannot be written, the
+            # graph file is not put in place either.
+            from rnnedge import triton
+
+            triton_dir = triton.write_repository(*triton_target, *triton_out[:2])
+    out = Path(path)
+    return ExportReport(out, metadata, results, atol, rtol, graph_summary(graph, len(data)),
+                        precision=precision, device=device, fp32_bytes=fp32_bytes,
+                        triton=triton_dir, triton_cases=triton_out[2] if triton_out else [])
+
+
+def _triton_variant(plan, graph, target, precision, atol, rtol, providers, device, progress):
+    """(model bytes, config text, gate results) of the batch-first variant for Triton."""
+    from rnnedge import triton
+
+    tplan, tgraph = triton.batch_first_plan(plan, graph)
+    tdata = check_graph(tgraph)
+    label = (lambda case: progress(f"Triton variant: {case}")) if progress else None
+    try:
+        results, summary = _gate(tplan, tdata, precision, atol, rtol, providers, device, label)
+    except ParityError as exc:
+        raise ParityError(f"batch-first Triton variant: {exc}", exc.failures) from None
+    set_metadata(tgraph, tplan.spec.metadata_json(summary))
+    config = triton.config_text(tplan.spec, target[1], precision=precision)
+    return tgraph.SerializeToString(), config, results
