@@ -53,13 +53,14 @@ class CaseResult:
     passed: bool
     misses: list = field(default_factory=list)  # [(tensor, max_abs, max_rel)]
     error: str | None = None  # the graph could not run this case at all
+    drift: float | None = None  # reduced-precision gates: worst relative RMS drift
 
     def as_dict(self) -> dict:
         return {"name": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
                 "passed": self.passed}
 
 
-def _compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float):
+def compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float):
     """(max_abs, max_rel, ok) of ``got`` against ``want``."""
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
@@ -75,7 +76,7 @@ def _compare(got: np.ndarray, want: np.ndarray, atol: float, rtol: float):
     return float(diff.max()), float(rel.max()), ok
 
 
-def _zeros_or_random(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
+def initial_states(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
     states = {}
     for s in spec.states:
         shape = [batch if i == s.batch_axis else d for i, d in enumerate(s.shape)]
@@ -84,7 +85,7 @@ def _zeros_or_random(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
     return states
 
 
-class _Graph:
+class GraphRunner:
     """Runs the candidate graph with plain onnxruntime and numpy state."""
 
     def __init__(self, plan: Plan, model_bytes: bytes, providers):
@@ -105,7 +106,7 @@ class _Graph:
         return outs, new_states
 
 
-def _chunks(total: int, pattern) -> list[tuple[int, int]]:
+def chunk_spans(total: int, pattern) -> list[tuple[int, int]]:
     spans, start, k = [], 0, 0
     while start < total:
         size = min(pattern[k % len(pattern)], total - start)
@@ -115,7 +116,7 @@ def _chunks(total: int, pattern) -> list[tuple[int, int]]:
     return spans
 
 
-def _slice_time(arrays: dict, axis: int, start: int, stop: int, spec: ExportSpec) -> dict:
+def slice_time(arrays: dict, axis: int, start: int, stop: int, spec: ExportSpec) -> dict:
     timed = {t.name for t in spec.inputs if "time" in t.shape}
     return {
         k: (np.ascontiguousarray(np.take(v, range(start, stop), axis=axis)) if k in timed else v)
@@ -133,14 +134,14 @@ def _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
         if got is None:
             misses.append((tensor, float("inf"), float("inf")))
             continue
-        a, r, ok = _compare(got, want, atol, rtol)
+        a, r, ok = compare(got, want, atol, rtol)
         worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
         if not ok:
             misses.append((tensor, a, r))
     return CaseResult(name, worst_abs, worst_rel, not misses, misses)
 
 
-def _cases(plan: Plan):
+def gate_cases(plan: Plan):
     """Yield (name, batch, time, random_state, chunk_pattern or None, lengths or None)."""
     spec = plan.spec
     if spec.time_axis is None:
@@ -162,10 +163,16 @@ def _cases(plan: Plan):
                        STREAM_LENGTH, batch > 1, pattern, None)
 
 
-def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
+def case_arrays(plan, graph, rng, case):
+    """Run one gate case through the graph and eager PyTorch.
+
+    Returns (graph outputs, graph states, eager outputs, eager states), dicts of numpy
+    arrays: outputs by name (stacked over steps for step graphs; joined over chunks along
+    their time axis when streamed), states by their input name (the state after the case).
+    """
     name, batch, length, random_state, pattern, lengths = case
     spec = plan.spec
-    states0 = _zeros_or_random(spec, rng, batch, random_state)
+    states0 = initial_states(spec, rng, batch, random_state)
     if spec.time_axis is None:
         inputs = [plan.sample(rng, batch, None) for _ in range(length)]
         want_states, got_states = dict(states0), dict(states0)
@@ -177,7 +184,7 @@ def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
             got_seq.append(g)
         want_outs = {k: np.stack([w[k] for w in want_seq]) for k in want_seq[0]}
         got_outs = {k: np.stack([g[k] for g in got_seq]) for k in got_seq[0]}
-        return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
+        return got_outs, got_states, want_outs, want_states
     inputs = plan.sample(rng, batch, length)
     if plan.lengths_input:
         row_lengths = np.full(batch, length, dtype=np.int64)
@@ -188,10 +195,10 @@ def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
     want_outs, want_states = plan.reference(inputs, dict(states0))
     if pattern is None:
         got_outs, got_states = graph(inputs, dict(states0))
-        return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
+        return got_outs, got_states, want_outs, want_states
     got_states, pieces = dict(states0), []
-    for start, stop in _chunks(length, pattern):
-        piece, got_states = graph(_slice_time(inputs, spec.time_axis, start, stop, spec), got_states)
+    for start, stop in chunk_spans(length, pattern):
+        piece, got_states = graph(slice_time(inputs, spec.time_axis, start, stop, spec), got_states)
         pieces.append(piece)
     got_outs = {}
     for t in spec.outputs:
@@ -201,7 +208,11 @@ def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
             # No time axis (e.g. a classifier reading the last step): each chunk's value
             # stands for the sequence so far, so the last chunk's must equal the whole's.
             got_outs[t.name] = pieces[-1][t.name]
-    return _score(spec, name, got_outs, got_states, want_outs, want_states, atol, rtol)
+    return got_outs, got_states, want_outs, want_states
+
+
+def _run_case(plan, graph, rng, case, atol, rtol) -> CaseResult:
+    return _score(plan.spec, case[0], *case_arrays(plan, graph, rng, case), atol, rtol)
 
 
 def run_gate(
@@ -214,10 +225,10 @@ def run_gate(
     progress: Callable[[str], None] | None = None,
 ) -> list[CaseResult]:
     """Run every case; return their results (no exception; see ``raise_on_failure``)."""
-    graph = _Graph(plan, model_bytes, providers)
+    graph = GraphRunner(plan, model_bytes, providers)
     rng = np.random.default_rng(SEED)
     results = []
-    for case in _cases(plan):
+    for case in gate_cases(plan):
         if progress:
             progress(case[0])
         try:

@@ -34,6 +34,8 @@ import onnx
 from onnx import numpy_helper
 
 from rnnedge.errors import ExportError, UnsupportedModelError, UsageError
+from rnnedge.exporters import parity
+from rnnedge.exporters.parity import CaseResult, compare
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The TOLERANCES key each precision's gate uses (fp32 uses the graph's own dtype).
@@ -299,77 +301,27 @@ def _pairs(spec, got_outs, got_states, want_outs, want_states):
     return pairs + [(s.output, got_states.get(s.input), want_states[s.input]) for s in spec.states]
 
 
-def _free_running(plan, graph, rng, case):
-    """(got outputs, got states, eager outputs, eager states) of one standard gate case."""
-    from rnnedge.exporters import parity
-
-    name, batch, length, random_state, pattern, lengths = case
-    spec = plan.spec
-    states0 = parity._zeros_or_random(spec, rng, batch, random_state)
-    if spec.time_axis is None:
-        want_states, got_states = dict(states0), dict(states0)
-        want_seq, got_seq = [], []
-        for _ in range(length):
-            x = plan.sample(rng, batch, None)
-            w, want_states = plan.reference(x, want_states)
-            g, got_states = graph(x, got_states)
-            want_seq.append(w)
-            got_seq.append(g)
-        want = {k: np.stack([w[k] for w in want_seq]) for k in want_seq[0]}
-        got = {k: np.stack([g[k] for g in got_seq]) for k in got_seq[0]}
-        return got, got_states, want, want_states
-    inputs = plan.sample(rng, batch, length)
-    if plan.lengths_input:
-        row_lengths = np.full(batch, length, dtype=np.int64)
-        if lengths == "random":
-            row_lengths = rng.integers(1, length + 1, size=batch).astype(np.int64)
-            row_lengths[0] = length
-        inputs[plan.lengths_input] = row_lengths
-    want, want_states = plan.reference(inputs, dict(states0))
-    if pattern is None:
-        got, got_states = graph(inputs, dict(states0))
-        return got, got_states, want, want_states
-    got_states, pieces = dict(states0), []
-    for start, stop in parity._chunks(length, pattern):
-        piece, got_states = graph(parity._slice_time(inputs, spec.time_axis, start, stop, spec),
-                                  got_states)
-        pieces.append(piece)
-    got = {}
-    for t in spec.outputs:
-        if "time" in t.shape:
-            got[t.name] = np.concatenate([p[t.name] for p in pieces], axis=t.shape.index("time"))
-        else:
-            got[t.name] = pieces[-1][t.name]
-    return got, got_states, want, want_states
-
-
 def _drift_case(plan, graph, rng, case, limit):
-    from rnnedge.exporters.parity import CaseResult, _compare
-
-    got, got_states, want, want_states = _free_running(plan, graph, rng, case)
+    got, got_states, want, want_states = parity.case_arrays(plan, graph, rng, case)
     worst_abs = worst_rel = worst_drift = 0.0
     misses = []
     for tensor, g, w in _pairs(plan.spec, got, got_states, want, want_states):
         if g is None:
             misses.append((tensor, float("inf"), float("inf")))
             continue
-        a, r, _ = _compare(g, w, 0.0, 0.0)
+        a, r, _ = compare(g, w, 0.0, 0.0)
         drift = _nrmse(g, w)
         worst_abs, worst_rel, worst_drift = max(worst_abs, a), max(worst_rel, r), max(worst_drift, drift)
         if not drift <= limit:
             misses.append((tensor, a, drift))
-    result = CaseResult(case[0], worst_abs, worst_rel, not misses, misses)
-    result.drift = worst_drift  # read by summarize(); CaseResult has no field for it
-    return result
+    return CaseResult(case[0], worst_abs, worst_rel, not misses, misses, drift=worst_drift)
 
 
 def _teacher_forced(plan, graph, rng, batch, steps, atol, rtol):
     """Each step from eager's state; every output and state compared element-wise."""
-    from rnnedge.exporters import parity
-    from rnnedge.exporters.parity import CaseResult, _compare
 
     spec = plan.spec
-    states = parity._zeros_or_random(spec, rng, batch, batch > 1)
+    states = parity.initial_states(spec, rng, batch, batch > 1)
     inputs = plan.sample(rng, batch, steps) if spec.time_axis is not None else None
     worst_abs = worst_rel = 0.0
     misses = {}
@@ -377,13 +329,13 @@ def _teacher_forced(plan, graph, rng, batch, steps, atol, rtol):
         if inputs is None:
             x = plan.sample(rng, batch, None)
         else:
-            x = parity._slice_time(inputs, spec.time_axis, t, t + 1, spec)
+            x = parity.slice_time(inputs, spec.time_axis, t, t + 1, spec)
             if plan.lengths_input:
                 x[plan.lengths_input] = np.ones(batch, dtype=np.int64)
         want, want_states = plan.reference(x, dict(states))
         got, got_states = graph(x, dict(states))
         for tensor, g, w in _pairs(spec, got, got_states, want, want_states):
-            a, r, ok = (float("inf"), float("inf"), False) if g is None else _compare(g, w, atol, rtol)
+            a, r, ok = (float("inf"), float("inf"), False) if g is None else compare(g, w, atol, rtol)
             worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
             if not ok:
                 prev = misses.get(tensor, (tensor, 0.0, 0.0))
@@ -397,13 +349,12 @@ def run_gate(plan, model_bytes: bytes, precision: str, atol: float, rtol: float,
              providers=("CPUExecutionProvider",), progress=None) -> list:
     """The parity gate for an int8/fp16 graph: the standard cases judged by drift, plus
     teacher-forced steps judged element-wise by (atol, rtol). Returns parity.CaseResults."""
-    from rnnedge.exporters import parity
 
-    graph = parity._Graph(plan, model_bytes, providers)
+    graph = parity.GraphRunner(plan, model_bytes, providers)
     rng = np.random.default_rng(parity.SEED)
     limit = DRIFT[precision]
     jobs = [(case[0], lambda c=case: _drift_case(plan, graph, rng, c, limit))
-            for case in parity._cases(plan)]
+            for case in parity.gate_cases(plan)]
     jobs += [(f"teacher-forced B={b} N={n}",
               lambda b=b, n=n: _teacher_forced(plan, graph, rng, b, n, atol, rtol))
              for b, n in TEACHER_FORCED]
@@ -422,11 +373,10 @@ def run_gate(plan, model_bytes: bytes, precision: str, atol: float, rtol: float,
 
 def summarize(results: list, precision: str, device: str, atol: float, rtol: float) -> dict:
     """The metadata ``parity`` entry of a reduced-precision graph."""
-    from rnnedge.exporters import parity
 
     summary = parity.summarize(results)
     summary.update(precision=precision, device=device, atol=atol, rtol=rtol,
-                   drift=max((getattr(r, "drift", 0.0) for r in results), default=0.0),
+                   drift=max((r.drift or 0.0 for r in results), default=0.0),
                    drift_limit=DRIFT[precision])
     return summary
 
