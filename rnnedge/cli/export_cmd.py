@@ -48,7 +48,7 @@ def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, in
         status("exporting")
         report = export(module, output, example_input=example, mode=mode, opset=opset,
                         atol=atol, rtol=rtol, input_axes=[axes],
-                        progress=lambda case: status(f"parity gate: {case}"),
+                        progress=status,
                         precision=precision, triton_repo=triton_repo, triton_name=triton_name)
     parity = report.metadata["parity"]
     size = human_size(report.graph["bytes"])

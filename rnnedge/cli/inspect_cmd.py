@@ -66,5 +66,10 @@ def command(graph_path: Path, as_json: bool):
     source, parity = meta.get("source", {}), meta.get("parity", {})
     console.print(f"source: {source.get('class')} (torch {source.get('torch')})")
     if parity:
-        console.print(f"parity: {parity.get('cases')} cases, max abs {parity.get('max_abs'):.3g}, "
-                      f"max rel {parity.get('max_rel'):.3g}")
+        line = (f"parity: {parity.get('cases')} cases, max abs {parity.get('max_abs'):.3g}, "
+                f"max rel {parity.get('max_rel'):.3g}")
+        if parity.get("precision", "fp32") != "fp32":
+            line += (f"; {parity['precision']} graph proven on {parity.get('device')}: drift "
+                     f"{parity.get('drift', 0):.3g} (limit {parity.get('drift_limit')}), steps within "
+                     f"atol {parity.get('atol')}, rtol {parity.get('rtol')}")
+        console.print(line)

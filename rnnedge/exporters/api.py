@@ -128,6 +128,7 @@ def export(
         PackedSequence gives; defaults to True in sequence mode for layers.
     input_axes: optional, per data input, its axes as names (dynamic: "batch", "time")
         and integers (fixed sizes), e.g. [("batch", "time", 16)]; checked against the model.
+    progress: called with a short text at each stage and parity case (for a display).
     precision: "fp32"; "int8" (dynamic int8 weights, for CPUs) or "fp16" (float16 weights
         and activations with float32 inputs/outputs, for GPUs), gated with the looser
         tolerances of spec.TOLERANCES["int8"] / ["float16"] (see docs/deploy.md).
@@ -188,20 +189,28 @@ def _gate(plan, data, precision, atol, rtol, providers, device, progress):
 
 def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_axes, progress,
             precision="fp32", triton_target=None):
+    note = progress or (lambda text: None)
+    note("planning the graph (tracing the model where needed)")
     plan = make_plan(model, example_input, mode, opset, lengths, input_axes)
     dtype = plan.spec.outputs[0].dtype if plan.spec.outputs else "float32"
     atol, rtol = tolerance(precision_mod.tolerance_key(precision, dtype), atol, rtol)
 
     fp32_bytes = len(plan.graph.SerializeToString())
+    if precision != "fp32":
+        note(f"converting to {precision}")
     graph = precision_mod.convert(plan.graph, precision)
+    note("checking the graph")
     data = check_graph(graph)
     providers, device = precision_mod.gate_providers(precision, data)
-    results, summary = _gate(plan, data, precision, atol, rtol, providers, device, progress)
+    def gate_note(case: str) -> None:
+        note(f"parity gate: {case}")
+
+    results, summary = _gate(plan, data, precision, atol, rtol, providers, device, gate_note)
 
     triton_out = None
     if triton_target is not None:
         triton_out = _triton_variant(plan, graph, triton_target, precision, atol, rtol,
-                                     providers, device, progress)
+                                     providers, device, gate_note)
 
     metadata = plan.spec.metadata(summary)
     set_metadata(graph, plan.spec.metadata_json(summary))
