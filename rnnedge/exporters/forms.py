@@ -1,0 +1,233 @@
+"""The two forms a model is called in for export: flat tensors in, flat tensors out.
+
+A ``_Form`` wraps the model so that torch.onnx.export and the parity gate both see the
+data inputs then the states going in, and the outputs then the states coming out, and
+says how to run it eagerly and under which tracing context.
+
+**Step form** (step-protocol modules, whose state ``stepping`` finds): ``_StepWrapper``
+rebuilds the nested state from the flat state tensors and flattens what forward returns.
+Every recurrent layer inside is traced into one fused node; other code is traced as is.
+
+**Lifted form** (models whose forward takes only the inputs and holds nn.RNN/LSTM/GRU, or
+cells, inside, e.g. Embedding -> LSTM -> Linear): each layer's initial and final state is
+*lifted* into graph inputs/outputs (whatever state the model passes it is replaced), so
+the graph streams although the PyTorch forward does not. The gate's reference is the
+model run eagerly with its own layers consuming the given states; with zero states it is
+first checked to equal the model's own forward. Each layer forward calls must run once
+per call and not be handed a non-zero state. Lifted state: ``<module path>.h0`` ->
+``<module path>.hn`` and, for LSTMs, ``<module path>.c0`` -> ``<module path>.cn`` (e.g.
+``encoder.lstm.h0``), layers in ``named_modules`` order.
+
+Both forms refuse a recurrent layer that runs once per time step in a Python loop
+(``_loop``: tracing would unroll it at the example's length), and, in stream mode, a
+bidirectional layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from rnnedge.errors import ParityError, UnsupportedModelError
+from rnnedge.exporters import trace
+from rnnedge.exporters.inputs import Input, _resize
+from rnnedge.exporters.spec import StateSpec
+from rnnedge.exporters.stepping import PROTOCOL, StepState, _split_step
+
+
+@dataclass
+class _Form:
+    """How the model is called: flat torch tensors in, flat tensors out."""
+
+    wrapper: nn.Module
+    state_specs: list[StateSpec]
+    run: Callable  # (inputs tuple, states list) -> flat outputs (data outputs, then states)
+    trace_ctx: Callable  # () -> context manager to trace under
+
+
+# ---------------------------------------------------------------------------
+# Wrappers: flat tensors in, flat tensors out (what torch.onnx.export and the gate see)
+# ---------------------------------------------------------------------------
+
+
+class _StepWrapper(nn.Module):
+    def __init__(self, model: nn.Module, state: StepState, n_inputs: int):
+        super().__init__()
+        self.model = model
+        self.n_inputs = n_inputs
+        self._state = state  # a plain object: not a Module
+
+    def forward(self, *flat):
+        out = self.model(*flat[: self.n_inputs], self._state.build(flat[self.n_inputs:]))
+        ys, st = _split_step(out, "forward(x, state)")
+        return (*_tensor_leaves(ys, "forward's output"), *_tensor_leaves(st, "forward's state"))
+
+
+class _LiftWrapper(nn.Module):
+    def __init__(self, model: nn.Module, ctx: trace.Context, n_inputs: int):
+        super().__init__()
+        self.model = model
+        self.n_inputs = n_inputs
+        self._ctx = ctx  # a plain object: not a Module
+
+    def forward(self, *flat):
+        self._ctx.begin(flat[self.n_inputs:])
+        out = self.model(*flat[: self.n_inputs])
+        finals = self._ctx.end()
+        return (*_tensor_leaves(out, "forward's output"), *finals)
+
+
+def _tensor_leaves(obj, what: str) -> list:
+    leaves = pytree.tree_leaves(obj)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise UnsupportedModelError(
+            f"{what} must be tensors (a tensor or nested tuples/lists/dicts of them), got "
+            f"{type(obj).__name__}"
+        )
+    return leaves
+
+
+# ---------------------------------------------------------------------------
+# The two forms
+# ---------------------------------------------------------------------------
+
+
+def _probe_model(ctx: trace.Context, model: nn.Module, x):
+    for layer in ctx.layers:
+        layer.record = trace.Record()
+    with torch.no_grad(), ctx.installed(probing=True):
+        return model(*x)
+
+
+def _loop(ctx: trace.Context, call: Callable, inputs: list[Input], probe_x):
+    """(layer, calls, input index, axis) when a layer runs once per step along an input axis.
+
+    ``call(x)`` runs forward on inputs ``x`` with the layers probing. Only layers called
+    more than once per forward are suspects; the axis is found by lengthening each
+    non-batch axis in turn and watching their call counts follow it.
+    """
+    def counts(x):
+        for layer in ctx.layers:
+            layer.record = trace.Record()
+        call(x)
+        return {layer.path: layer.record.calls for layer in ctx.layers}
+
+    base = counts(probe_x)
+    suspects = [layer for layer in ctx.layers if base[layer.path] > 1]
+    try:
+        for k, x in enumerate(probe_x):
+            for axis in range(x.dim()):
+                if not suspects or inputs[k].axes[axis] == "batch":
+                    continue
+                longer = list(probe_x)
+                longer[k] = _resize(x, axis, x.shape[axis] + 2)
+                try:
+                    grown = counts(tuple(longer))
+                except Exception:  # noqa: BLE001 - this axis cannot change size: not time
+                    continue
+                for layer in suspects:
+                    if grown[layer.path] != base[layer.path]:
+                        return layer, base[layer.path], k, axis
+    finally:
+        counts(probe_x)  # leave the records of the example's own run
+    return None
+
+
+def _loop_error(what: str, detail: str) -> ParityError:
+    return ParityError(
+        f"parity gate cannot pass: {detail}: something in forward() of {what} runs once per "
+        "time step in a Python loop over time, which tracing unrolls at the example's fixed "
+        "length, so the graph would equal eager PyTorch at that length only; write the "
+        "per-step cell as a step-protocol module forward(x, state) -> (output, state) with "
+        "init_hidden(batch_size) and let the runtime loop over time; nothing was written"
+    )
+
+
+def _step_form(model, ctx, state: StepState, inputs: list[Input], probe_x, tb: int,
+               mode: str) -> _Form:
+    timed = [(k, i.axes.index("time")) for k, i in enumerate(inputs) if "time" in i.axes]
+    if mode == "stream" and timed:
+        for layer in ctx.layers:
+            if layer.bidirectional:
+                raise _bidirectional(layer)
+    if ctx.layers and timed:
+        def call(x):
+            with torch.no_grad(), ctx.installed(probing=True):
+                return model(*x, state.build(state.zeros(tb)))
+
+        found = _loop(ctx, call, inputs, probe_x)
+        if found and (found[2], found[3]) in timed:
+            layer, calls, k, axis = found
+            raise _loop_error(type(model).__name__, (
+                f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called {calls} "
+                f"times for {probe_x[k].shape[axis]} steps of {inputs[k].name}"))
+    wrapper = _StepWrapper(model, state, len(inputs))
+
+    def run(x, states):
+        with torch.no_grad():
+            return wrapper(*x, *states)
+
+    return _Form(wrapper, state.specs(), run, lambda: ctx.installed(tracing=True))
+
+
+def _bidirectional(layer: trace.Layer) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is bidirectional: its "
+        "backward direction needs the future of the sequence, so the model cannot stream "
+        "step by step; export it with mode='sequence' (--mode sequence), which takes a whole "
+        "sequence per call"
+    )
+
+
+def _lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> _Form:
+    what = type(model).__name__
+    _probe_model(ctx, model, probe_x)
+    called = [layer for layer in ctx.layers if layer.record.calls]
+    if not called:
+        raise UnsupportedModelError(
+            f"forward() of {what} never calls its recurrent layers "
+            f"({', '.join(repr(layer.path) for layer in ctx.layers)}); {PROTOCOL}"
+        )
+    ctx.layers = called
+    repeated = [layer for layer in called if layer.record.calls > 1]
+    if repeated:
+        found = _loop(ctx, lambda x: _probe_model(ctx, model, x), inputs, probe_x)
+        if found:
+            layer, calls, k, axis = found
+            raise _loop_error(what, (
+                f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called {calls} "
+                f"times for {probe_x[k].shape[axis]} steps along axis {axis} of "
+                f"{inputs[k].name}"))
+        layer = repeated[0]
+        raise UnsupportedModelError(
+            f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called "
+            f"{layer.record.calls} times per forward(); rnnedge carries one state per layer, "
+            "so each layer must run once per call: use separate layers, or write the model as "
+            "a step-protocol module forward(x, state) -> (output, state)"
+        )
+    for layer in called:
+        if layer.record.nonzero_state:
+            raise UnsupportedModelError(
+                f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is given a non-zero "
+                "initial state inside forward() (e.g. another layer's final state, or a state "
+                "kept from the previous call); rnnedge carries each layer's state as a graph "
+                "input starting from zeros, which would replace it: write the model as a "
+                "step-protocol module forward(x, state) -> (output, state)"
+            )
+        if mode == "stream" and layer.bidirectional:
+            raise _bidirectional(layer)
+    specs = []
+    for layer in called:
+        for (i, o), shape in zip(layer.state_names(), layer.state_shapes()):
+            specs.append(StateSpec(i, o, "float32", shape, layer.batch_axis()))
+    wrapper = _LiftWrapper(model, ctx, len(inputs))
+
+    def run(x, states):
+        with torch.no_grad(), ctx.installed(lift=True):
+            return wrapper(*x, *states)
+
+    return _Form(wrapper, specs, run, lambda: ctx.installed(lift=True, tracing=True))
