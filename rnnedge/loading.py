@@ -64,6 +64,16 @@ def load_model(path, *, arch: str | None = None, arch_kwargs: str | dict | None 
 
 
 def _torch_load(path: Path, trust_pickle: bool):
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip ("PK") or, in the legacy format, a pickle (protocol >= 2
+    # starts with 0x80); anything else is not a PyTorch file, whatever torch.load says.
+    if head[:1] != b"\x80" and head != b"PK":
+        hint = " (it looks like an ONNX graph: MODEL is the PyTorch model)" if path.suffix == ".onnx" else ""
+        raise ModelLoadError(
+            f"{path} is not a PyTorch file{hint}: expected torch.save output, a TorchScript "
+            "archive or a .pt2 program"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

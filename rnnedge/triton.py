@@ -21,6 +21,7 @@ graph is wrapped with Transposes into a batch-first variant, which gets its own 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -315,21 +316,27 @@ def config_text(spec, name: str, *, precision: str = "fp32",
     return "\n".join(lines) + "\n"
 
 
-def write_repository(repo, name: str, model_bytes: bytes, config: str) -> Path:
-    """Write ``repo/name/{config.pbtxt,1/model.onnx}``; returns the model folder.
+@contextlib.contextmanager
+def staged_repository(repo, name: str, model_bytes: bytes, config: str):
+    """Put ``repo/name/{config.pbtxt,1/model.onnx}`` in place; yields the model folder.
 
     Built in a hidden temporary folder inside ``repo`` and renamed into place, so a reader
     (or a polling Triton) sees the old model folder or the new one, never half of one; an
     existing ``repo/name`` is replaced as a whole. ``repo`` itself is created if missing.
+    If the body of the ``with`` raises (e.g. the graph file beside it cannot be written),
+    everything is rolled back: the previous model folder returns, a created repo goes.
     """
+    from rnnedge.atomic import default_mode
+
     dest = check_target(repo, check_name(name))
     repo = dest.parent
     created = not repo.exists()
     if created:
         repo.mkdir()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=repo))
-    old = None
+    old, placed = None, False
     try:
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp's 0700 would hide it from Triton
         (tmp / "1").mkdir()
         (tmp / "1" / "model.onnx").write_bytes(model_bytes)
         (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
@@ -338,13 +345,22 @@ def write_repository(repo, name: str, model_bytes: bytes, config: str) -> Path:
             old.rmdir()
             os.replace(dest, old)
         os.replace(tmp, dest)
+        placed = True
+        yield dest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
+        if placed:
+            shutil.rmtree(dest, ignore_errors=True)
+        if old is not None and old.exists():
             os.replace(old, dest)  # put the previous model back
         if created:
             shutil.rmtree(repo, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+
+def write_repository(repo, name: str, model_bytes: bytes, config: str) -> Path:
+    """Write ``repo/name/{config.pbtxt,1/model.onnx}`` atomically; returns the model folder."""
+    with staged_repository(repo, name, model_bytes, config) as dest:
+        return dest

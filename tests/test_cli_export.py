@@ -123,7 +123,7 @@ def test_missing_corrupt_and_truncated_files(tmp_path, pickled):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"this is not a model at all" * 10)
     line = one_error_line(run("export", junk, "-o", out, "--input-shape", "batch,time,6"), 2)
-    assert "not a readable PyTorch file" in line
+    assert "not a PyTorch file" in line
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(pickled.read_bytes()[: pickled.stat().st_size // 2])
     line = one_error_line(run("export", truncated, "-o", out, "--input-shape", "batch,time,6",
@@ -240,6 +240,36 @@ def test_inspect_errors(tmp_path):
     onnx.save(helper.make_model(graph), str(plain))
     line = one_error_line(run("inspect", plain), 1)
     assert "no rnnedge metadata" in line and "state_map" in line
+
+
+@pytest.mark.parametrize("meta,pattern", [
+    ("[1, 2]", "must be a JSON object"),
+    ('{"format": 1, "mode": "stream"}', "malformed"),
+    ('{"format": 2}', "format 2"),
+    ("{not json", "not valid JSON"),
+])
+def test_inspect_refuses_malformed_metadata(tmp_path, pickled, meta, pattern):
+    import onnx
+
+    out = tmp_path / "out.onnx"
+    assert run("export", pickled, "-o", out, "--input-shape", "batch,time,6", "--trust-pickle").exit_code == 0
+    proto = onnx.load(str(out))
+    for prop in proto.metadata_props:
+        if prop.key == "rnnedge":
+            prop.value = meta
+    onnx.save(proto, str(out))
+    assert pattern in one_error_line(run("inspect", out), 1)
+
+
+def test_output_folder_and_onnx_given_as_model(tmp_path, pickled):
+    (tmp_path / "dir.onnx").mkdir()
+    result = run("export", pickled, "-o", tmp_path / "dir.onnx", "--input-shape", "batch,time,6",
+                 "--trust-pickle")
+    assert result.exit_code == 2 and "is a directory" in result.stderr  # click's own check
+    graph = tmp_path / "g.onnx"
+    assert run("export", pickled, "-o", graph, "--input-shape", "batch,time,6", "--trust-pickle").exit_code == 0
+    line = one_error_line(run("export", graph, "-o", tmp_path / "x.onnx", "--input-shape", "batch,time,6"), 2)
+    assert "not a PyTorch file" in line and "ONNX graph" in line
 
 
 def test_installed_command_runs_in_a_subprocess(tmp_path, pickled):

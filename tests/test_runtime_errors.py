@@ -91,6 +91,19 @@ def test_bad_multi_input_step(seq, value, message):
     assert_state(stream, snap)
 
 
+@pytest.mark.parametrize("lengths", [[3, 4], [0, 2], [-1, 3], [3, 0]])
+def test_lengths_out_of_range_are_refused_every_call(seq, lengths):
+    stream, snap = advanced(seq)  # the same shapes as before: only the values are wrong
+    with pytest.raises(StepInputError, match=r"'lengths' must be between 1 and the input's 3"):
+        stream.step({"input": np.ones((2, 3, 3), np.float32), "lengths": np.array(lengths)})
+    assert_state(stream, snap)
+
+
+def test_numpy_integer_chunk_is_accepted(lstm):
+    x = np.random.default_rng(3).standard_normal((2, 7, 3)).astype(np.float32)
+    np.testing.assert_array_equal(lstm.stream(2).run(x, chunk=np.int64(3)), lstm.stream(2).run(x, chunk=3))
+
+
 def test_run_errors_leave_state(lstm):
     stream, snap = advanced(lstm)
     with pytest.raises(StepInputError):

@@ -6,14 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-try:
-    from rnnedge.exporters import export
-except ImportError as exc:  # only while the exporter is missing or broken
-    pytest.skip(f"rnnedge.export is not importable: {exc}", allow_module_level=True)
-
-import rnnedge  # noqa: E402
+import rnnedge
+from rnnedge.exporters import export
 
 nn = torch.nn
 TOL = {"rtol": 1e-4, "atol": 1e-5}

@@ -230,6 +230,50 @@ def test_existing_model_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert parse_config(repo / "m").name == "m"
 
 
+def test_repository_rolls_back_when_the_graph_file_cannot_be_written(tmp_path, monkeypatch):
+    from rnnedge.exporters import api
+
+    model = make("gru-tm")
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text("old")
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "write_bytes_atomic", full_disk)
+    with pytest.raises(OSError):
+        rnnedge.export(model, tmp_path / "m.onnx", example_input=example(model), triton_repo=repo)
+    # Both or neither: the previous model is back, whole, and no temporary folder is left.
+    assert (repo / "m" / "config.pbtxt").read_text() == "old"
+    assert sorted(os.listdir(repo)) == ["m"] and not (tmp_path / "m.onnx").exists()
+
+
+def test_output_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    (tmp_path / "gru").mkdir()
+    model = make("gru-tm")
+    with pytest.raises(UsageError, match="it is a folder"):
+        rnnedge.export(model, tmp_path / "gru", example_input=example(model),
+                       triton_repo=tmp_path / "repo")
+    assert sorted(os.listdir(tmp_path)) == ["gru"]
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        model = make("gru-tm")
+        out = tmp_path / "m.onnx"
+        rnnedge.export(model, out, example_input=example(model), triton_repo=tmp_path / "repo")
+        assert out.stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "repo" / "m").stat().st_mode & 0o777 == 0o755
+        assert (tmp_path / "repo" / "m" / "1" / "model.onnx").stat().st_mode & 0o777 == 0o644
+        out.chmod(0o640)  # an existing file keeps its mode when replaced
+        rnnedge.export(model, out, example_input=example(model))
+        assert out.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_cli_writes_repository(tmp_path):
     torch.manual_seed(0)
     torch.save(nn.LSTM(6, 10, num_layers=2, batch_first=True), tmp_path / "m.pt")

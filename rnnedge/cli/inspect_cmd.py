@@ -27,10 +27,18 @@ def read_contract(path: Path) -> dict:
             f"{path} has no rnnedge metadata (inputs: {names}): it was not written by rnnedge "
             "export; rnnedge.load(path, state_map=...) can still run it"
         )
+    from rnnedge.runtime import load
+
+    # The runtime's reader refuses what apps would trip on: an unknown format, missing or
+    # malformed entries, names and shapes that do not match the graph.
     try:
-        return json.loads(props["rnnedge"])
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{path}: the rnnedge metadata is not valid JSON ({exc.msg})") from None
+        return load(path, device="cpu").contract.metadata
+    except ContractError as exc:
+        raise ContractError(f"{path}: {exc}") from None
+
+
+def _num(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "?"
 
 
 def _shape(shape) -> str:
@@ -66,10 +74,10 @@ def command(graph_path: Path, as_json: bool):
     source, parity = meta.get("source", {}), meta.get("parity", {})
     console.print(f"source: {source.get('class')} (torch {source.get('torch')})")
     if parity:
-        line = (f"parity: {parity.get('cases')} cases, max abs {parity.get('max_abs'):.3g}, "
-                f"max rel {parity.get('max_rel'):.3g}")
+        line = (f"parity: {parity.get('cases')} cases, max abs {_num(parity.get('max_abs'))}, "
+                f"max rel {_num(parity.get('max_rel'))}")
         if parity.get("precision", "fp32") != "fp32":
             line += (f"; {parity['precision']} graph proven on {parity.get('device')}: drift "
-                     f"{parity.get('drift', 0):.3g} (limit {parity.get('drift_limit')}), steps within "
+                     f"{_num(parity.get('drift'))} (limit {parity.get('drift_limit')}), steps within "
                      f"atol {parity.get('atol')}, rtol {parity.get('rtol')}")
         console.print(line)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from rnnedge.atomic import atomic_path
+from rnnedge.atomic import check_destination, write_bytes_atomic
 from rnnedge.errors import ExportError, ParityError, UnsupportedModelError, UsageError
 from rnnedge.exporters import parity
 from rnnedge.exporters import precision as precision_mod
@@ -139,6 +140,7 @@ def export(
     ParityError when the graph differs from eager PyTorch; nothing is written then.
     """
     opset = check_opset(opset)
+    check_destination(path)  # before any work: a bad path should not cost a whole export
     precision = precision_mod.check_precision(precision)
     triton_target = _triton_target(path, mode, triton_repo, triton_name)
     if lengths is None:
@@ -221,14 +223,14 @@ def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_
             "self-contained files only"
         )
     triton_dir = None
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with contextlib.ExitStack() as stack:
         if triton_out is not None:
-            # Inside the file's atomic write: if the repository cannot be written, the
-            # graph file is not put in place either.
             from rnnedge import triton
 
-            triton_dir = triton.write_repository(*triton_target, *triton_out[:2])
+            # Rolled back if the graph file below cannot be put in place: both or neither.
+            triton_dir = stack.enter_context(
+                triton.staged_repository(*triton_target, *triton_out[:2]))
+        write_bytes_atomic(path, data)
     out = Path(path)
     return ExportReport(out, metadata, results, atol, rtol, graph_summary(graph, len(data)),
                         precision=precision, device=device, fp32_bytes=fp32_bytes,

@@ -80,3 +80,16 @@ def check_state(states: tuple, batch: int, values, where: str) -> dict:
                 f"{where}: state {name!r} must be a {s.dtype.name} array of shape {list(want)}, got {got}")
         out[name] = value
     return out
+
+
+def check_lengths(lengths, steps: int, where: str) -> None:
+    """Per-row valid lengths (sequence mode) must lie in 1..steps, as PyTorch's packing wants.
+
+    Checked on every call (values change from call to call); onnxruntime would otherwise
+    fail inside the run with its own message, or accept 0 where PyTorch refuses it.
+    """
+    values = np.asarray(lengths)
+    if values.size and (values.min() < 1 or values.max() > steps):
+        raise StepInputError(
+            f"{where}: 'lengths' must be between 1 and the input's {steps} time steps, got "
+            f"{values.tolist()}")

@@ -6,7 +6,7 @@ import numpy as np
 
 from rnnedge.errors import StepInputError, UsageError
 from rnnedge.runtime.engine import Engine
-from rnnedge.runtime.inputs import as_list, check, check_state
+from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state
 
 
 class Stream:
@@ -26,6 +26,12 @@ class Stream:
         self._out_names = [t.name for t in model.contract.outputs]
         self._single_out = len(self._out_names) == 1
         self._slot = None  # the bindings of the last step's input shapes
+        # Sequence mode's per-row lengths are values to check on every call, not just shapes.
+        names = [t.name for t in data]
+        timed = [i for i, t in enumerate(data) if t.time_axis is not None]
+        self._lengths = None
+        if model.contract.mode == "sequence" and "lengths" in names and timed:
+            self._lengths = (names.index("lengths"), timed[0], data[timed[0]].time_axis)
 
     @property
     def input_names(self) -> list[str]:
@@ -48,6 +54,9 @@ class Stream:
             slot.in_bufs[0][...] = x  # faster than np.copyto for small arrays
         else:
             arrays = as_list(self._data, x, "step()")
+            if self._lengths is not None:
+                at, timed, axis = self._lengths
+                check_lengths(arrays[at], np.shape(arrays[timed])[axis], "step()")
             if slot is None or any(
                     type(a) is not np.ndarray or a.shape != k or a.dtype != t.dtype
                     for a, k, t in zip(arrays, slot.key, self._data)):
@@ -89,7 +98,7 @@ class Stream:
         if untimed:
             raise UsageError(f"run() needs a time axis, but {untimed} have none (a step graph "
                              "takes one step per call): call step() once per step")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise UsageError(f"chunk must be an int >= 1, got {chunk!r}")
         arrays = [check(t, a, self.batch, "run()") for t, a in
                   zip(self._data, as_list(self._data, x, "run()"))]
