@@ -80,6 +80,14 @@ def residency(data: bytes, device: str, steps: int) -> dict:
         if any(v.device_name() != want for v in engine.current()):
             problems.append(f"step {i}: state left the {want}")
             break
+    if want == "cuda":
+        # Outputs too stay on the device until read.
+        stream.step(x, read=False)
+        placed = [v.device_name() for v in stream._slot.out_bufs]
+        if any(n != "cuda" for n in placed):
+            problems.append(f"outputs are bound on {placed}, not cuda")
+        if stream.read().shape != (1, 1, stream._slot.out_bufs[0].shape()[-1]):
+            problems.append("read() after step(read=False) gave the wrong shape")
     return {"device_names": names, "data_ptrs": sides, "steps": steps, "problems": problems,
             "ok": not problems}
 

@@ -75,6 +75,16 @@ def test_state_stays_in_the_two_device_buffers():
     assert seen[::2] != seen[1::2] and set(map(tuple, seen)) == set(map(tuple, sides))
 
 
+def test_outputs_stay_on_the_device_until_read():
+    model = rnnedge.load(G.rnn("GRU", batch_first=True), device="cuda")
+    stream = model.stream(2)
+    x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    want = rnnedge.load(G.rnn("GRU", batch_first=True), device="cpu").stream(2).step(x)
+    assert stream.step(x, read=False) is None
+    assert all(v.device_name() == "cuda" for v in stream._slot.out_bufs)
+    np.testing.assert_allclose(stream.read(), want, atol=1e-4, rtol=1e-4)
+
+
 def test_cuda_state_roundtrip_and_reset_are_exact():
     gpu = rnnedge.load(G.rnn("GRU", layers=2, batch_first=True), device="cuda")
     stream = gpu.stream(3)

@@ -189,3 +189,18 @@ def test_non_contiguous_input():
     want = model.stream(2).step(x)
     view = np.asfortranarray(x)
     np.testing.assert_array_equal(model.stream(2).step(view), want)
+
+
+def test_step_without_read_then_read():
+    model = rnnedge.load(G.rnn("LSTM", batch_first=True), device="cpu")
+    x = np.random.default_rng(5).standard_normal((2, 4, 3)).astype(np.float32)
+    lazy, eager_read = model.stream(2), model.stream(2)
+    with pytest.raises(rnnedge.UsageError, match="not run a step yet"):
+        lazy.read()
+    assert lazy.step(x, read=False) is None
+    want = eager_read.step(x)
+    got = lazy.read()
+    np.testing.assert_array_equal(got, want)
+    got[...] = 0  # a new array each time: the stream's buffer is not exposed
+    np.testing.assert_array_equal(lazy.read(), want)
+    np.testing.assert_array_equal(lazy.step(x), eager_read.step(x))  # the state carried on

@@ -3,8 +3,9 @@
 Each state has two preallocated buffers, A and B. Two IOBindings per input shape read
 the state from one buffer and write it to the other (A->B, B->A), so a step only
 copies the data input into a bound buffer and runs: nothing is rebound and, on CUDA,
-the state never leaves the device. Data inputs and outputs live in host buffers bound
-once per shape (onnxruntime copies them to and from the device inside the run).
+the state never leaves the device. Data inputs live in host buffers bound once per shape
+(onnxruntime copies them to the device inside the run); on CUDA the data outputs stay in
+device buffers until they are read.
 
 An Engine is used by one thread at a time (IOBinding objects are not thread-safe);
 the session itself is shared.
@@ -24,8 +25,8 @@ class Slot:
     """The bindings for one tuple of input shapes.
 
     in_bufs: host arrays the data inputs are copied into, one per data input.
-    out_bufs: host arrays the data outputs land in (None until the first run found their
-    shapes). args[p]: what the session runs when the current state is in buffer set p.
+    out_bufs: where the data outputs land (None until the first run found their shapes):
+    host arrays on the CPU, device OrtValues on CUDA (read with Engine.host_outputs). args[p]: what the session runs when the current state is in buffer set p.
     """
 
     __slots__ = ("key", "in_bufs", "out_bufs", "bindings", "args")
@@ -117,12 +118,24 @@ class Engine:
         io = slot.bindings[self.parity]
         self._run(slot.args[self.parity], None)
         got = io.get_outputs()[: len(self.outputs)]
-        out_bufs = [np.array(v.numpy(), copy=True) for v in got]
-        for t, buf in zip(self.outputs, out_bufs):
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
+        if self.on_cuda:
+            # Outputs stay on the device too: they reach the host only when read.
+            out_bufs = [ort.OrtValue.ortvalue_from_shape_and_type(v.shape(), t.dtype.type, "cuda", self.device_id)
+                        for t, v in zip(self.outputs, got)]
+            values = out_bufs
+        else:
+            out_bufs = [np.array(v.numpy(), copy=True) for v in got]
+            values = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in out_bufs]
+        for t, value in zip(self.outputs, values):
             for other in slot.bindings:
                 other.bind_ortvalue_output(t.name, value)
         slot.out_bufs = out_bufs
+
+    def host_outputs(self, slot: Slot) -> list:
+        """New host arrays of the last run's outputs (from the device on CUDA)."""
+        if self.on_cuda:
+            return [v.numpy() for v in slot.out_bufs]
+        return [b.copy() for b in slot.out_bufs]
 
     # --- state --------------------------------------------------------------------------------
 

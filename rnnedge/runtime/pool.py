@@ -140,11 +140,11 @@ class Pool:
             np.concatenate(col, axis=t.batch_axis, out=buf)
         engine.run(slot)
         results = []
-        for t, buf in zip(self._outputs, slot.out_bufs):
+        for t, buf in zip(self._outputs, engine.host_outputs(slot)):
             # One copy for all streams, each getting a disjoint batch-1 view: the batch axis
             # moved to the front and a size-1 axis left in its place, split by list().
             ax = t.batch_axis
-            results.append(list(np.moveaxis(np.expand_dims(buf.copy(), ax + 1), ax, 0)))
+            results.append(list(np.moveaxis(np.expand_dims(buf, ax + 1), ax, 0)))
         if self._single_out:
             return dict(zip(ids, results[0]))
         return {sid: {name: res[j] for name, res in zip(self._out_names, results)}

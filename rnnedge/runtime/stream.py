@@ -38,13 +38,15 @@ class Stream:
         """The data inputs ``step`` takes (graph inputs bound as constants excluded)."""
         return [t.name for t in self._data]
 
-    def step(self, x):
+    def step(self, x, read: bool = True):
         """Run one call (one step, or one chunk along the time axis) and carry the state.
 
         x: for a single data input an array shaped as the graph input with this stream's
         batch (e.g. (batch, time, F) or, for step graphs, (batch, F)); for several data
         inputs a dict {name: array}. Returns the data output as a new array, or for
-        several outputs a dict {name: array}. Raises StepInputError (state untouched)
+        several outputs a dict {name: array}. With ``read=False`` returns None and leaves
+        the outputs where they are (on the device with CUDA) until ``read()``: for steps
+        whose outputs the app does not need. Raises StepInputError (state untouched)
         when ``x`` does not match the contract.
         """
         slot = self._slot
@@ -70,11 +72,22 @@ class Stream:
             parity = engine.parity
             engine._run(slot.args[parity], None)
             engine.parity = parity ^ 1
-        if self._single_out:
+        if not read:
+            return None
+        if self._single_out and not engine.on_cuda:
             return slot.out_bufs[0].copy()
-        return {name: buf.copy() for name, buf in zip(self._out_names, slot.out_bufs)}
+        return self.read()
 
     __call__ = step
+
+    def read(self):
+        """The last call's outputs as new host arrays (array, or dict for several)."""
+        if self._slot is None or self._slot.out_bufs is None:
+            raise UsageError("read(): this stream has not run a step yet")
+        values = self._engine.host_outputs(self._slot)
+        if self._single_out:
+            return values[0]
+        return dict(zip(self._out_names, values))
 
     def _prepare(self, arrays: list):
         arrays = [check(t, a, self.batch, "step()") for t, a in zip(self._data, arrays)]
