@@ -40,9 +40,8 @@ from torch import Tensor, nn
 
 from rnnedge.errors import ExportError, RnnedgeError, UnsupportedModelError
 from rnnedge.exporters.emit import emit_cell, emit_stack
+from rnnedge.exporters.layers import CELLS, STACKS
 
-STACKS = (nn.RNN, nn.LSTM, nn.GRU)
-CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 IR_VERSION = 10  # what the exporter writes; runtimes lag behind onnx
 
 # Modules being exported, by the int the custom ops carry. Filled per export, then emptied.
