@@ -206,6 +206,20 @@ def render(data: dict, command: str, seconds: float, load: tuple | None) -> str:
     return "\n".join(lines)
 
 
+PRECISION_INTRO = """
+## Reduced precision: int8 and fp16
+
+File size and latency per step at batch 1, chunk 1, one thread, through `rnnedge.load(...)
+.stream(1).step`, each precision exported with `rnnedge.export(..., precision=...)` (and
+gated). `× floor` is against the **float32** weight-bandwidth floor: the goals are int8 files
+≤ 0.3× float32 and int8 steps below the float32 floor at hidden ≥ 256. fp16 is for GPUs: on
+the CPU onnxruntime runs its recurrent nodes in float32 through inserted Casts, so its CPU
+latency is shown for completeness only. Why an int8 GRU at hidden 256 misses the floor (its
+gate math costs ~0.45 µs per small node): docs/deploy.md.
+
+"""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="Markdown file to write.")
@@ -215,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", choices=["gru", "lstm", "char-lm", "elman"], default=None,
                         help="Measure only these models.")
     parser.add_argument("--quick", action="store_true", help="Short measurements (a smoke run, noisy figures).")
+    parser.add_argument("--no-precision", action="store_true",
+                        help="Skip the int8/fp16 section (benchmarks/bench_precision.py).")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.max_time = 200, 0.2
@@ -224,9 +240,21 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0] if has_load else None
     start = time.perf_counter()
     data = run(args)
+    precision = None
+    if not args.no_precision:
+        # Same run, same machine state: the reduced-precision figures sit beside the rest.
+        sys.path.insert(0, str(HERE))
+        import bench_precision
+
+        print("int8/fp16: exporting and measuring", file=sys.stderr)
+        calls, max_time, repeats = (200, 0.3, 1) if args.quick else (2000, 2.0, 3)
+        precision = bench_precision.run(calls, max_time, repeats)
+        data["precision"] = precision
     seconds = time.perf_counter() - start
     load = (load_start, os.getloadavg()[0]) if has_load else None
     text = render(data, command, seconds, load)
+    if precision is not None:
+        text += PRECISION_INTRO + bench_precision.table(precision) + "\n"
     args.out.write_text(text)
     print(text)
     if args.json:
