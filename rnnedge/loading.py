@@ -246,40 +246,11 @@ def _from_torchscript(path: Path) -> nn.Module:
     return _rebuild(name, config, dict(scripted.state_dict()))
 
 
-_ATEN = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
-
-
 def _from_exported_program(path: Path) -> nn.Module:
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path} is a damaged torch.export program ({_first_line(exc)}); save it again") from None
-    calls = [n for n in program.graph.nodes if n.op == "call_function"
-             and getattr(n.target, "_schema", None) is not None
-             and n.target._schema.name.removeprefix("aten::") in _ATEN]
-    state = program.state_dict
-    if len(calls) != 1 or len(state) != sum(1 for n in program.graph.nodes if n.op == "placeholder") - 1:
-        raise ModelLoadError(
-            f"{path} is a torch.export program that is not a bare nn.RNN/LSTM/GRU: rnnedge cannot "
-            "re-trace a model through torch.export's decompositions; save model.state_dict() and "
-            "pass --arch module:Class"
-        )
-    node = calls[0]
-    aten = node.target._schema.name.removeprefix("aten::")
-    # aten.{lstm,gru,rnn_*}.input(input, hx, params, has_biases, num_layers, dropout, train,
-    # bidirectional, batch_first)
-    _, _, _, has_biases, num_layers, dropout, _, bidirectional, batch_first = node.args[:9]
-    w_ih = state["weight_ih_l0"]
-    w_hr = state.get("weight_hr_l0")
-    config = {
-        "input_size": w_ih.shape[1],
-        "hidden_size": state["weight_hh_l0"].shape[1] if w_hr is None else w_hr.shape[1],
-        "num_layers": num_layers, "bias": has_biases, "batch_first": batch_first,
-        "dropout": dropout, "bidirectional": bidirectional,
-        "proj_size": 0 if w_hr is None else w_hr.shape[0],
-        "nonlinearity": "relu" if aten == "rnn_relu" else "tanh",
-    }
-    return _rebuild(_ATEN[aten], config, state)
+    """A .pt2 program: its recurrent layers rebuilt as nn.LSTM/GRU/RNN (see rnnedge.pt2)."""
+    from rnnedge.pt2 import load_program
+
+    return load_program(path)
 
 
 def parse_input_shape(text: str) -> tuple:
