@@ -23,6 +23,16 @@ def onnx_dtype(dtype: str) -> int:
     return _DTYPES[dtype]
 
 
+def unique_name(used: set, hint: str) -> str:
+    """``hint``, or ``hint_1``, ``hint_2``, ...: the first not in ``used`` (which it joins)."""
+    name, i = hint, 0
+    while name in used:
+        i += 1
+        name = f"{hint}_{i}"
+    used.add(name)
+    return name
+
+
 class GraphBuilder:
     """Collects nodes and initializers for one graph."""
 
@@ -36,12 +46,7 @@ class GraphBuilder:
 
     def fresh(self, hint: str) -> str:
         """A name not used yet in this graph, derived from ``hint``."""
-        name, i = hint, 0
-        while name in self._used:
-            i += 1
-            name = f"{hint}_{i}"
-        self._used.add(name)
-        return name
+        return unique_name(self._used, hint)
 
     def input(self, name: str, dtype: str, shape) -> str:
         self._used.add(name)

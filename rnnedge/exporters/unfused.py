@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnedge.errors import UnsupportedModelError
+from rnnedge.exporters.graph import unique_name
 
 KINDS = ("GRU", "RNN")
 
@@ -40,12 +41,7 @@ class _Names:
         self.used |= {v.name for v in (*graph.input, *graph.output, *graph.initializer)}
 
     def __call__(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self.used:
-            i += 1
-            name = f"{hint}_{i}"
-        self.used.add(name)
-        return name
+        return unique_name(self.used, hint)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
