@@ -93,7 +93,7 @@ def run(args) -> dict:
     import rnnedge
     from rnnedge.bench import benchmark, measure_gemv
 
-    out: dict = {"models": [], "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out: dict = {"models": [], "repeats": args.repeats, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory(prefix="rnnedge-bench-") as tmp:
         for key, desc, module, example, axes in models():
             if args.only and key not in args.only:
@@ -110,14 +110,40 @@ def run(args) -> dict:
             t1 = time.perf_counter()
             print(f"{key}: exported in {t1 - t0:.1f} s ({export.metadata['parity']['cases']} parity cases, "
                   f"max abs {export.max_abs:.2g}); measuring", file=sys.stderr)
-            report = benchmark(path, module=module, batches=(1, 64), chunks=(1, 32), steps=args.steps,
-                               max_seconds=args.max_time, threads=1, device="cpu")
+            reports = [benchmark(path, module=module, batches=(1, 64), chunks=(1, 32), steps=args.steps,
+                                 max_seconds=args.max_time, threads=1, device="cpu")
+                       for _ in range(args.repeats)]
+            report = reports[0]
             print(f"{key}: measured in {time.perf_counter() - t1:.1f} s", file=sys.stderr)
             out["models"].append({"key": key, "description": desc, "params": sum(p.numel() for p in module.parameters()),
-                                  "parity": export.metadata["parity"], "report": report.as_dict()})
+                                  "parity": export.metadata["parity"], "report": best_of(reports)})
             out["machine"], out["versions"] = report.machine, report.versions
     # The floor's bandwidth at a reference size, for the header (each model has its own).
     out["gemv_gb_per_s_4mib"] = measure_gemv(4 << 20) / 1e9
+    return out
+
+
+def best_of(reports) -> dict:
+    """One report dict whose rows are, per (engine, batch, chunk), the repeat with the lowest
+    p50, and whose floor is the lowest measured: this shared machine has bursts of contention
+    lasting seconds, which slow whichever engine they hit; the fastest repeat is the
+    machine's own speed, for every engine alike."""
+    out = reports[0].as_dict()
+    rows: dict = {}
+    for rep in reports:
+        for row in rep.as_dict()["results"]:
+            key = (row["engine"], row["batch"], row["chunk"])
+            if key not in rows or row["p50_us_per_step"] < rows[key]["p50_us_per_step"]:
+                rows[key] = row
+    fastest = min(reports, key=lambda rep: rep.floor.us_per_step).floor
+    floor = fastest.us_per_step
+    out["floor"] = {"weight_bytes": fastest.weight_bytes, "gemv_bytes_per_s": fastest.gemv_bytes_per_s,
+                    "us_per_step": floor}
+    for row in rows.values():
+        row["floor_us_per_step"] = round(floor, 3)
+        row["floor_ratio"] = round(row["p50_us_per_step"] / floor, 3)
+    out["results"] = list(rows.values())
+    out["floor_us_per_step"] = round(floor, 3)
     return out
 
 
@@ -139,7 +165,8 @@ def render(data: dict, command: str, seconds: float, load: tuple | None) -> str:
         "",
         f"- date: {data['started']} (run took {seconds:.0f} s)",
         f"- machine: {m.get('cpu')}, {m.get('cores')} cores available, {m.get('platform')}",
-        f"- settings: CPU, {m.get('threads')} thread for onnxruntime and torch, p50 of single calls; "
+        f"- settings: CPU, {m.get('threads')} thread for onnxruntime and torch, p50 of single calls, "
+        f"fastest of {data.get('repeats', 1)} repeats per row; "
         f"GEMV bandwidth (1 thread, 4 MiB float32): {data['gemv_gb_per_s_4mib']:.1f} GB/s",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
     ]
@@ -228,12 +255,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-time", type=float, default=1.0, help="Seconds at most per measurement.")
     parser.add_argument("--only", nargs="*", choices=["gru", "lstm", "char-lm", "elman"], default=None,
                         help="Measure only these models.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Measure each model this many times; each row keeps its fastest p50.")
     parser.add_argument("--quick", action="store_true", help="Short measurements (a smoke run, noisy figures).")
     parser.add_argument("--no-precision", action="store_true",
                         help="Skip the int8/fp16 section (benchmarks/bench_precision.py).")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.max_time = 200, 0.2
+        args.steps, args.max_time, args.repeats = 200, 0.2, 1
     command = "python benchmarks/run_benchmarks.py" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:]))
     has_load = hasattr(os, "getloadavg")
