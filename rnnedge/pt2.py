@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rnnedge.errors import ModelLoadError
+from rnnedge.errors import ExportError, ModelLoadError
 
 aten = torch.ops.aten
 WAY_OUT = "save model.state_dict() and pass --arch module:Class"
@@ -116,7 +116,10 @@ def load_program(path: Path) -> nn.Module:
                 f"program with positional inputs only, or {WAY_OUT}"
             )
         outputs = _check_rewrite(path, gm, reference, args)
-        step = _step_state(path, args, outputs)
+        cell = _bare_cell(gm, rewriter.layers, args, outputs)
+        if cell is not None:
+            return cell
+        step = _step_state(path, args, outputs, _data_batch_axis(gm, rewriter.layers))
         if step is not None:
             return ProgramStep(gm, args[-1], step)
     if not rewriter.layers:
@@ -240,7 +243,7 @@ class _Rewriter:
             )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # dropout with one layer etc.
-            module = cls(**config)
+            module = cls(**config).eval()  # program.module() is in training mode: dropout off
         self._load(module, list(module._flat_weights_names), tensors, what, self.path)
         return module, list(params)
 
@@ -255,7 +258,7 @@ class _Rewriter:
                   "hidden_size": int(tensors[0].shape[0]) // gates, "bias": len(params) == 4}
         if nonlin:
             config["nonlinearity"] = nonlin
-        module = cls(**config)
+        module = cls(**config).eval()
         names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"][: len(params)]
         self._load(module, names, tensors, what, self.path)
         return module, params
@@ -423,15 +426,48 @@ def _check_rewrite(path: Path, gm: nn.Module, reference: nn.Module, args) -> lis
         and (not a.is_floating_point() or torch.allclose(a, b, atol=ATOL, rtol=RTOL))
         for a, b in zip(got, want))
     if not ok:
-        raise ModelLoadError(
+        raise ExportError(
             f"{path}: rebuilding the program's recurrent layers changed its outputs on its "
             f"example inputs (an rnnedge bug: please report it); {WAY_OUT}"
         )
     return got_tree
 
 
-def _step_state(path: Path, args, outputs) -> list[int] | None:
-    """Batch axes of the state when forward is (*inputs, state) -> (*outputs, state)."""
+def _bare_cell(gm: fx.GraphModule, layers: list[str], args, outputs) -> nn.Module | None:
+    """The rebuilt cell when the program is exactly ``cell(x, hx)``, checked on its example."""
+    if len(layers) != 1:
+        return None
+    cell = gm.get_submodule(layers[0])
+    if not isinstance(cell, (nn.RNNCell, nn.GRUCell, nn.LSTMCell)) or len(args) != 2:
+        return None
+    try:
+        with torch.no_grad():
+            want = pytree.tree_leaves(cell(*args))
+    except Exception:  # noqa: BLE001 - the program is not the bare cell call
+        return None
+    got = pytree.tree_leaves(outputs)
+    if len(got) == len(want) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, want)):
+        return cell
+    return None
+
+
+def _data_batch_axis(gm: fx.GraphModule, layers: list[str]) -> int | None:
+    """The data input's batch axis as the program's first recurrent layer reads it, if known."""
+    for name in layers:
+        layer = gm.get_submodule(name)
+        if isinstance(layer, (nn.RNN, nn.LSTM, nn.GRU)):
+            return 0 if layer.batch_first else 1
+        if isinstance(layer, (nn.RNNCell, nn.GRUCell, nn.LSTMCell)):
+            return 0
+    return None
+
+
+def _step_state(path: Path, args, outputs, batch_axis: int | None = None) -> list[int] | None:
+    """Batch axes of the state when forward is (*inputs, state) -> (*outputs, state).
+
+    batch_axis: which axis of the first data input is the batch, when the program's layers
+    say so; otherwise both of its first two axes are tried and must not both fit.
+    """
     if len(args) < 2 or not isinstance(outputs, (tuple, list)) or len(outputs) < 2:
         return None
     state_in, spec_in = pytree.tree_flatten(args[-1])
@@ -443,7 +479,11 @@ def _step_state(path: Path, args, outputs) -> list[int] | None:
     data = [x for x in pytree.tree_leaves(args[:-1]) if isinstance(x, torch.Tensor) and x.dim()]
     candidates = []
     for x in data[:1]:
-        candidates = [int(x.shape[0])] + ([int(x.shape[1])] if x.dim() > 1 else [])
+        axes_of_x = [0, 1] if x.dim() > 1 else [0]
+        if batch_axis is not None and batch_axis in axes_of_x:
+            axes_of_x = [batch_axis]
+        candidates = [int(x.shape[a]) for a in axes_of_x]
+    found = []
     for b in candidates:
         axes = []
         for t in state_in:
@@ -454,7 +494,9 @@ def _step_state(path: Path, args, outputs) -> list[int] | None:
                 break
             axes.append(hits[0])
         else:
-            return axes
+            found.append(axes)
+    if len(found) == 1 or (found and all(f == found[0] for f in found)):
+        return found[0]
     shapes = [tuple(t.shape) for t in state_in]
     raise ModelLoadError(
         f"{path} is a step-protocol program forward(x, state) -> (output, state), but the "

@@ -188,3 +188,70 @@ def test_bare_layer_program_stays_a_bare_layer(tmp_path):
     x = torch.randn(B, T, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)[0], layer(x)[0])
+
+
+class DropoutStack(nn.Module):
+    """Linear -> 2-layer LSTM with dropout (inactive in eval) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.lstm = nn.LSTM(4, 8, num_layers=2, dropout=0.3, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.lstm(self.inp(x))[0])
+
+
+def test_program_with_dropout_between_layers(tmp_path):
+    torch.manual_seed(4)
+    model = DropoutStack()
+    path = save_program(tmp_path, model, torch.randn(2, 5, 4))
+    assert not load_model(path).lstm.training  # rebuilt for inference, dropout off
+    _, meta, sess = export(path, "batch,time,4")
+    x = torch.randn(B, T, 4)
+    got, _ = ortref.stream(sess, meta, {"input": x.numpy()}, ortref.zero_states(meta, B), CHUNKS)
+    with torch.no_grad():
+        close(got["output"], model.eval()(x))
+
+
+@pytest.mark.parametrize("cell,state", [
+    (nn.RNNCell(4, 6), lambda: torch.randn(3, 6)),
+    (nn.GRUCell(4, 6), lambda: torch.randn(3, 6)),
+    (nn.LSTMCell(4, 6), lambda: (torch.randn(3, 6), torch.randn(3, 6))),
+])
+def test_bare_cell_program_called_with_its_state(tmp_path, cell, state):
+    torch.manual_seed(5)
+    path = save_program(tmp_path, cell, torch.randn(3, 4), state())
+    loaded = load_model(path)
+    assert type(loaded) is type(cell)
+    _, meta, sess = export(path, "batch,4")
+    assert meta["time_axis"] is None and meta["states"][0]["input"] == "h0"
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    states = ortref.zero_states(meta, 2)
+    got, _ = ortref.call(sess, meta, {"input": x}, states)
+    with torch.no_grad():
+        want = cell.eval()(torch.from_numpy(x))
+    close(got["output"], want[0] if isinstance(want, tuple) else want)
+
+
+class TimeMajorStep(nn.Module):
+    """forward(x, h) -> (y, h) around a 2-layer time-major GRU: h is (layers, batch, hidden)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(4, 6, num_layers=2)
+        self.lin = nn.Linear(6, 2)
+
+    def forward(self, x, h):
+        y, h = self.gru(x, h)
+        return self.lin(y), h
+
+
+def test_step_program_state_batch_axis_follows_the_layer_layout(tmp_path):
+    # Exported with T == num_layers == 2: the time length alone would fit the state's axis 0.
+    torch.manual_seed(6)
+    path = save_program(tmp_path, TimeMajorStep(), torch.randn(2, 3, 4), torch.zeros(2, 3, 6))
+    loaded = load_model(path)
+    assert isinstance(loaded, ProgramStep)
+    assert tuple(loaded.init_hidden(7).shape) == (2, 7, 6)
