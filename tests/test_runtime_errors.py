@@ -251,3 +251,39 @@ def test_cpu_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert rnnedge.load(G.rnn("GRU"), device="cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"input": np.ones((2, 3, 3), np.float32), "lengths": None}, "'lengths' must be a numpy array"),
+    ({"input": np.ones((2, 3, 3), np.float32), "lengths": np.array(["a", "b"])}, "'lengths' must be int64"),
+    ({"input": np.ones(3, np.float32), "lengths": np.array([3, 3])}, "rank 3"),
+    ({"input": None, "lengths": np.array([3, 3])}, "'input' must be a numpy array"),
+    ({"input": np.ones((2, 3), np.float32), "lengths": np.array([5, 5])}, "rank 3"),
+])
+def test_sequence_inputs_are_checked_before_lengths_values(seq, value, message):
+    stream, snap = advanced(seq)
+    with pytest.raises(StepInputError, match=message):
+        stream.step(value)
+    assert_state(stream, snap)
+
+
+@pytest.mark.parametrize("lengths", [[0], [9], [-1]])
+def test_pool_checks_lengths_values(seq, lengths):
+    pool = seq.pool()
+    sid = pool.add()
+    with pytest.raises(StepInputError, match="'lengths' must be between 1 and"):
+        pool.step({sid: {"input": np.ones((1, 3, 3), np.float32), "lengths": np.array(lengths)}})
+
+
+def test_read_after_a_failed_run_refuses_stale_outputs(lstm):
+    stream = lstm.stream(1)
+    stream.step(np.ones((1, 2, 3), np.float32))
+    stream._engine._run = _failing_run  # a run that fails inside onnxruntime
+    with pytest.raises(RuntimeError):
+        stream.step(np.ones((1, 2, 3), np.float32))
+    with pytest.raises(UsageError, match="the last one failed"):
+        stream.read()
+
+
+def _failing_run(*args):
+    raise RuntimeError("simulated failure inside the run")

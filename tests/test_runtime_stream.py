@@ -195,7 +195,7 @@ def test_step_without_read_then_read():
     model = rnnedge.load(G.rnn("LSTM", batch_first=True), device="cpu")
     x = np.random.default_rng(5).standard_normal((2, 4, 3)).astype(np.float32)
     lazy, eager_read = model.stream(2), model.stream(2)
-    with pytest.raises(rnnedge.UsageError, match="not run a step yet"):
+    with pytest.raises(rnnedge.UsageError, match="no step has run"):
         lazy.read()
     assert lazy.step(x, read=False) is None
     want = eager_read.step(x)

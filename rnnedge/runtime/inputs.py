@@ -82,6 +82,16 @@ def check_state(states: tuple, batch: int, values, where: str) -> dict:
     return out
 
 
+def lengths_of(contract, data: tuple) -> tuple | None:
+    """(index of ``lengths``, index of the timed input, its time axis) for a sequence-mode
+    graph that takes per-row lengths, else None."""
+    names = [t.name for t in data]
+    timed = [i for i, t in enumerate(data) if t.time_axis is not None]
+    if contract.mode == "sequence" and "lengths" in names and timed:
+        return names.index("lengths"), timed[0], data[timed[0]].time_axis
+    return None
+
+
 def check_lengths(lengths, steps: int, where: str) -> None:
     """Per-row valid lengths (sequence mode) must lie in 1..steps, as PyTorch's packing wants.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from rnnedge.errors import ContractError, StepInputError, UsageError
 from rnnedge.runtime.engine import Engine
-from rnnedge.runtime.inputs import as_list, check, check_state
+from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state, lengths_of
 
 MAX_ENGINES = 8  # batch sizes kept allocated
 
@@ -48,6 +48,7 @@ class Pool:
         self._engines: OrderedDict = OrderedDict()  # batch size -> Engine
         self._resident: tuple = ()  # ids whose rows live in the engine, in batch order
         self._shapes = None  # per-stream input shapes of the last checked step
+        self._lengths = lengths_of(contract, data)  # sequence mode: values checked per step
         self._engine = None
 
     # --- membership -------------------------------------------------------------------------
@@ -184,6 +185,9 @@ class Pool:
                         f"pool.step(): stream {sid} gives shapes {list(shapes)}, stream {ids[0]} "
                         f"{list(ref)}: all streams in one step need the same shapes")
                 ref = shapes
+            if self._lengths is not None:
+                at, timed, axis = self._lengths
+                check_lengths(arrays[at], np.shape(arrays[timed])[axis], f"pool.step() stream {sid}")
             for col, a in zip(columns, arrays):
                 col.append(a)
         self._shapes = ref

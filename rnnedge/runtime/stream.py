@@ -6,7 +6,7 @@ import numpy as np
 
 from rnnedge.errors import StepInputError, UsageError
 from rnnedge.runtime.engine import Engine
-from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state
+from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state, lengths_of
 
 
 class Stream:
@@ -27,11 +27,8 @@ class Stream:
         self._single_out = len(self._out_names) == 1
         self._slot = None  # the bindings of the last step's input shapes
         # Sequence mode's per-row lengths are values to check on every call, not just shapes.
-        names = [t.name for t in data]
-        timed = [i for i, t in enumerate(data) if t.time_axis is not None]
-        self._lengths = None
-        if model.contract.mode == "sequence" and "lengths" in names and timed:
-            self._lengths = (names.index("lengths"), timed[0], data[timed[0]].time_axis)
+        self._lengths = lengths_of(model.contract, data)
+        self._readable = None  # the slot whose outputs the last successful call left
 
     @property
     def input_names(self) -> list[str]:
@@ -56,22 +53,27 @@ class Stream:
             slot.in_bufs[0][...] = x  # faster than np.copyto for small arrays
         else:
             arrays = as_list(self._data, x, "step()")
-            if self._lengths is not None:
-                at, timed, axis = self._lengths
-                check_lengths(arrays[at], np.shape(arrays[timed])[axis], "step()")
             if slot is None or any(
                     type(a) is not np.ndarray or a.shape != k or a.dtype != t.dtype
                     for a, k, t in zip(arrays, slot.key, self._data)):
                 slot = self._prepare(arrays)
+            if self._lengths is not None:  # after the shape/dtype checks: arrays are sound
+                at, timed, axis = self._lengths
+                check_lengths(arrays[at], arrays[timed].shape[axis], "step()")
             for buf, a in zip(slot.in_bufs, arrays):
                 buf[...] = a
         engine = self._engine
-        if slot.out_bufs is None:
-            engine.run(slot)
-        else:  # Engine.run inlined: this is the per-step hot path
-            parity = engine.parity
-            engine._run(slot.args[parity], None)
-            engine.parity = parity ^ 1
+        try:
+            if slot.out_bufs is None:
+                engine.run(slot)
+            else:  # Engine.run inlined: this is the per-step hot path
+                parity = engine.parity
+                engine._run(slot.args[parity], None)
+                engine.parity = parity ^ 1
+        except BaseException:
+            self._readable = None  # the outputs may be half written
+            raise
+        self._readable = slot
         if not read:
             return None
         if self._single_out and not engine.on_cuda:
@@ -82,9 +84,9 @@ class Stream:
 
     def read(self):
         """The last call's outputs as new host arrays (array, or dict for several)."""
-        if self._slot is None or self._slot.out_bufs is None:
-            raise UsageError("read(): this stream has not run a step yet")
-        values = self._engine.host_outputs(self._slot)
+        if self._readable is None:
+            raise UsageError("read(): no outputs to read: no step has run, or the last one failed")
+        values = self._engine.host_outputs(self._readable)
         if self._single_out:
             return values[0]
         return dict(zip(self._out_names, values))
