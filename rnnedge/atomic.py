@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from rnnedge.errors import UsageError
+from rnnedge.errors import ExportError, UsageError
 
 
 def default_mode(directory: bool = False) -> int:
@@ -60,7 +60,13 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         os.chmod(tmp_path, dest.stat().st_mode & 0o7777 if dest.exists() else default_mode())
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as exc:  # disk full, I/O error: the machine's problem, said plainly
+            raise ExportError(
+                f"writing {dest} failed ({exc.strerror or exc}); nothing was written: free space "
+                "or choose another output path"
+            ) from None
         try:
             os.replace(tmp_path, dest)
         except OSError as exc:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rnnedge.errors import ContractError, ParityError, UsageError
+from rnnedge.errors import ContractError, ParityError, UnsupportedModelError, UsageError
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -146,7 +146,7 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
     try:
         plan = make_plan(module, example_input, meta["mode"], int(meta["opset"]), graph.has_lengths,
                          [tuple(input_axes)] if input_axes is not None else None)
-    except UsageError as exc:
+    except (UsageError, UnsupportedModelError) as exc:
         if not derived:
             raise
         # The example came from the file's contract: a model that refuses it is not the

@@ -314,3 +314,13 @@ def test_config_text_refuses_what_triton_cannot_batch():
     assert fixed.time_axis == 1 and fixed.states[0].shape == ("batch", 1, 4)
     text = triton.config_text(fixed, "m")
     assert text_format.Parse(text, mc.ModelConfig()).sequence_batching.state[0].dims == [1, 4]
+
+
+@pytest.mark.parametrize("out", ["repo", "repo/m/1/model.onnx"])
+def test_graph_file_inside_the_repository_is_refused(tmp_path, out):
+    model = make("gru-tm")
+    with pytest.raises(UsageError, match="would land in or on the Triton repository"):
+        rnnedge.export(model, tmp_path / out if out != "repo" else tmp_path / "repo",
+                       example_input=example(model), triton_repo=tmp_path / "repo",
+                       triton_name="m")
+    assert not (tmp_path / "repo").exists()

@@ -140,9 +140,9 @@ def export(
     ParityError when the graph differs from eager PyTorch; nothing is written then.
     """
     opset = check_opset(opset)
-    check_destination(path)  # before any work: a bad path should not cost a whole export
     precision = precision_mod.check_precision(precision)
     triton_target = _triton_target(path, mode, triton_repo, triton_name)
+    check_destination(path)  # before any work: a bad path should not cost a whole export
     if lengths is None:
         lengths = mode == "sequence" and isinstance(model, STACKS)
     was_training = bool(getattr(model, "training", False))
@@ -170,7 +170,13 @@ def _triton_target(path, mode, triton_repo, triton_name):
             "stream's state from call to call; a sequence-mode graph takes whole sequences"
         )
     name = triton.check_name(Path(path).stem if triton_name is None else triton_name)
-    triton.check_target(triton_repo, name)
+    folder = triton.check_target(triton_repo, name).resolve()
+    graph = Path(path).resolve()
+    if graph == folder.parent or folder in graph.parents or graph == folder:
+        raise UsageError(
+            f"the graph file {path} would land in or on the Triton repository {triton_repo}; "
+            "write it outside the repository (the repository gets its own batch-first copy)"
+        )
     return Path(triton_repo), name
 
 
