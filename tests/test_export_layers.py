@@ -241,6 +241,7 @@ def test_tolerance_override_is_honoured(tmp_path):
     (dict(example_input=[1, 2]), rnnedge.UsageError, "must be a tensor"),
     (dict(example_input=torch.randn(2, 5, 6), mode="chunky"), rnnedge.UsageError, "mode must be"),
     (dict(example_input=torch.randn(2, 5, 6), opset=9), rnnedge.UsageError, "opset must be"),
+    (dict(example_input=torch.randn(2, 5, 6), opset=27), rnnedge.UsageError, "opset must be an integer from 14 to"),
     (dict(example_input=torch.randn(2, 5, 6), atol=-1.0), rnnedge.UsageError, "atol"),
     (dict(example_input=torch.randn(2, 5, 6), lengths=True), rnnedge.UsageError, "sequence"),
 ])
@@ -250,6 +251,12 @@ def test_bad_arguments_are_usage_errors(tmp_path, kwargs, error, pattern):
     assert not list(tmp_path.iterdir())
 
 
+def test_cells_have_no_sequence_mode(tmp_path):
+    with pytest.raises(rnnedge.UsageError, match="one step per call"):
+        rnnedge.export(nn.GRUCell(6, 12), tmp_path / "m.onnx", example_input=torch.randn(2, 6),
+                       mode="sequence")
+
+
 def test_unwritable_destination_is_a_usage_error(tmp_path):
     with pytest.raises(rnnedge.UsageError, match="existing folder"):
         rnnedge.export(nn.GRU(6, 12), tmp_path / "missing" / "m.onnx",
@@ -257,7 +264,9 @@ def test_unwritable_destination_is_a_usage_error(tmp_path):
 
 
 def test_other_opsets(tmp_path):
-    for opset in (14, 17, 20):
+    from rnnedge.exporters.spec import max_opset
+
+    for opset in (14, 17, 20, max_opset()):
         report = rnnedge.export(nn.LSTM(6, 12), tmp_path / f"m{opset}.onnx",
                                 example_input=torch.randn(5, 2, 6), opset=opset)
         assert report.metadata["opset"] == opset

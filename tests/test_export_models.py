@@ -366,3 +366,54 @@ def test_bad_example_and_axes_are_usage_errors(tmp_path):
         rnnedge.export(model, tmp_path / "m.onnx", example_input=torch.randint(0, 40, (2, 5)),
                        mode="sequence", lengths=True)
     assert not list(tmp_path.iterdir())
+
+
+class FlatHead(torch.nn.Module):
+    """Embedding -> LSTM -> y.reshape(-1, H) -> Linear: a head over batch*time rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 6)
+        self.lstm = torch.nn.LSTM(6, 8, batch_first=True)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, tokens):
+        y, _ = self.lstm(self.emb(tokens))
+        return self.head(y.reshape(-1, 8))
+
+
+def test_merged_batch_time_output_is_refused_in_stream_mode(tmp_path):
+    example = torch.randint(0, 20, (2, 5))
+    with pytest.raises(rnnedge.UnsupportedModelError, match="merges batch and time"):
+        rnnedge.export(FlatHead(), tmp_path / "a.onnx", example_input=example)
+    report = rnnedge.export(FlatHead(), tmp_path / "b.onnx", example_input=example, mode="sequence")
+    assert report.metadata["outputs"][0]["shape"] == ["batch*time", 5]
+
+
+class OverridingGRU(torch.nn.GRU):
+    def forward(self, x, hx=None):
+        y, h = super().forward(x, hx)
+        return torch.relu(y), h
+
+
+def test_top_level_layer_subclass_with_its_own_forward_is_refused(tmp_path):
+    with pytest.raises(rnnedge.UnsupportedModelError, match="OverridingGRU"):
+        rnnedge.export(OverridingGRU(4, 6), tmp_path / "m.onnx", example_input=torch.randn(5, 2, 4))
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_flags_of_every_module_are_restored(tmp_path):
+    model = zoo.Tagger()
+    model.train()
+    model.emb.eval()  # frozen on purpose
+    rnnedge.export(model, tmp_path / "m.onnx", example_input=torch.randint(0, 40, (2, 5)))
+    assert model.training and not model.emb.training and model.lstm.training
+
+
+def test_declared_axes_that_do_not_fit_are_usage_errors(tmp_path):
+    with pytest.raises(rnnedge.UsageError, match="fails at"):
+        rnnedge.export(zoo.LastStepClassifier(), tmp_path / "a.onnx",
+                       example_input=torch.randn(5, 2, 6), input_axes=[("time", "batch", 6)])
+    with pytest.raises(rnnedge.UsageError, match="unbatched input"):
+        rnnedge.export(zoo.LastStepClassifier(), tmp_path / "b.onnx",
+                       example_input=torch.randn(2, 6), input_axes=[("batch", 6)])

@@ -145,15 +145,17 @@ def export(
     check_destination(path)  # before any work: a bad path should not cost a whole export
     if lengths is None:
         lengths = mode == "sequence" and isinstance(model, STACKS)
-    was_training = bool(getattr(model, "training", False))
-    if was_training:
-        model.eval()  # inference semantics: dropout off
+    # Inference semantics (dropout off), then each module's own flag back: a model may be
+    # training with some parts frozen in eval on purpose.
+    flags = [(m, m.training) for m in model.modules()] if hasattr(model, "modules") else []
+    if hasattr(model, "eval"):
+        model.eval()
     try:
         return _export(model, path, example_input, mode, opset, atol, rtol, lengths,
                        input_axes, progress, precision, triton_target)
     finally:
-        if was_training:
-            model.train()
+        for module, training in flags:
+            module.training = training
 
 
 def _triton_target(path, mode, triton_repo, triton_name):

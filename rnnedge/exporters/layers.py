@@ -22,7 +22,10 @@ CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 
 
 def is_layer(model) -> bool:
-    return isinstance(model, STACKS + CELLS)
+    """One of PyTorch's recurrent modules with its own forward (a subclass that overrides
+    forward is a model: the whole-model route refuses or handles it)."""
+    return isinstance(model, STACKS + CELLS) and type(model).forward in {
+        cls.forward for cls in STACKS + CELLS}
 
 
 def input_axes(model) -> tuple:
@@ -205,5 +208,10 @@ def plan_layer(model, example, mode: str, opset: int, lengths: bool | None) -> P
     if isinstance(model, CELLS):
         if lengths:
             raise UsageError("a lengths input needs a time axis; cells take one step per call")
+        if mode == "sequence":
+            raise UsageError(
+                f"{type(model).__name__} takes one step per call, so it has no sequence to take "
+                "whole; export it with mode='stream'"
+            )
         return plan_cell(model, example, mode, opset)
     return plan_stack(model, example, mode, opset, bool(lengths))

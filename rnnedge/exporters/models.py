@@ -184,6 +184,13 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
         _check_lifted_equals_model(model, form, sample, inputs, what)
     outputs = _output_specs(form, sample, inputs, time_axis)
     for out in outputs:
+        if mode == "stream" and "batch*time" in out.shape:
+            raise UnsupportedModelError(
+                f"output {out.name} of {what} merges batch and time into one axis (e.g. "
+                "y.reshape(-1, H) before a head); streamed chunks cannot be joined along it: keep "
+                "time as its own axis in forward() (flatten after the graph), or export with "
+                "mode='sequence'"
+            )
         if "time" in out.shape and out.shape.index("time") != time_axis:
             raise UnsupportedModelError(
                 f"output {out.name} of {what} has its time axis at {out.shape.index('time')} "
@@ -225,7 +232,7 @@ def _run(form: _Form, x, batch: int, time: int | None) -> list:
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
         at = f"batch {batch}" + (f", time {time}" if time is not None else "")
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise UnsupportedModelError(
+        raise UsageError(
             f"forward() of {type(form.wrapper.model).__name__} fails at {at} "
             f"({type(exc).__name__}: {first}); rnnedge runs it at several batch sizes (and "
             "lengths): size everything from the input (x.shape[0]) instead of fixing it, or "
@@ -304,6 +311,8 @@ def _output_specs(form: _Form, sample, inputs: list[Input], time_axis) -> list[T
                 shape.append("batch")
             elif t1 is not None and (da, db) == (t1, t2):
                 shape.append("time")
+            elif t1 is not None and (da, db) == (b1 * t1, b2 * t2):
+                shape.append("batch*time")
             else:
                 shape.append(f"{name}_{k}")
         specs.append(TensorSpec(name, str(a.dtype).replace("torch.", ""), tuple(shape)))

@@ -38,7 +38,7 @@ import onnx.version_converter
 import torch
 from torch import Tensor, nn
 
-from rnnedge.errors import ExportError, RnnedgeError, UnsupportedModelError
+from rnnedge.errors import ExportError, RnnedgeError, UnsupportedModelError, UsageError
 from rnnedge.exporters.emit import emit_cell, emit_stack
 from rnnedge.exporters.layers import CELLS, STACKS
 
@@ -341,9 +341,10 @@ class LayerCall:
                 leaves = hx if isinstance(hx, (tuple, list)) else (hx,)
                 rec.nonzero_state |= any(bool(torch.any(t != 0)) for t in leaves)
         if unbatched:
-            raise UnsupportedModelError(
+            raise UsageError(
                 f"layer {layer.path!r} ({kind_name(m)}) is called with an unbatched input "
-                f"of shape {tuple(input.shape)}; give it a batch axis"
+                f"of shape {tuple(input.shape)}; give the input a batch axis (and a time axis "
+                "for nn.RNN/LSTM/GRU), e.g. --input-shape batch,time,F"
             )
         if ctx.lift:
             init = layer.slot.init
@@ -384,16 +385,18 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of each recurrent layer; refuses recurrent modules it cannot translate."""
     found = []
     for path, m in model.named_modules():
-        if m is model or not is_recurrent(m):
+        if not is_recurrent(m):
             continue
         if not is_supported(m):
+            where = f"layer {path!r}" if path else "the model"
             raise UnsupportedModelError(
-                f"layer {path!r} is a {type(m).__module__}.{type(m).__qualname__}, a recurrent "
+                f"{where} is a {type(m).__module__}.{type(m).__qualname__}, a recurrent "
                 "module rnnedge cannot translate (it exports nn.RNN/LSTM/GRU and their cells "
                 "with PyTorch's own forward); use one of those, or write the layer as a "
                 "step-protocol module forward(x, state) -> (y, state)"
             )
-        found.append((path or type(m).__name__, m))
+        if m is not model:
+            found.append((path, m))
     return found
 
 
