@@ -257,18 +257,19 @@ def summarize(results: list[CaseResult]) -> dict:
     }
 
 
+def describe_failure(r: CaseResult, miss: str = "{t} max_abs={a:.3g} max_rel={e:.3g}") -> str:
+    """'[case: tensor figures, ...]' for one failed case; ``miss`` formats (t, a, e)."""
+    if r.error:
+        return f"[{r.name}: graph failed to run: {r.error}]"
+    return f"[{r.name}: " + ", ".join(miss.format(t=t, a=a, e=e) for t, a, e in r.misses) + "]"
+
+
 def raise_on_failure(results: list[CaseResult], atol: float, rtol: float) -> None:
     """Raise ParityError naming each failing case and tensor, if any case failed."""
     failed = [r for r in results if not r.passed]
     if not failed:
         return
-    parts = []
-    for r in failed:
-        if r.error:
-            parts.append(f"[{r.name}: graph failed to run: {r.error}]")
-            continue
-        tensors = ", ".join(f"{t} max_abs={a:.3g} max_rel={e:.3g}" for t, a, e in r.misses)
-        parts.append(f"[{r.name}: {tensors}]")
+    parts = [describe_failure(r) for r in failed]
     raise ParityError(
         f"parity gate failed: {len(failed)} of {len(results)} cases differ from eager PyTorch "
         f"beyond atol={atol:g}, rtol={rtol:g}: " + " ".join(parts)
