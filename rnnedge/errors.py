@@ -8,6 +8,16 @@ Messages are one line: what was expected, what was found, what to do.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, limit: int | None = 200, fallback: str | None = None) -> str:
+    """The first line of ``exc``'s message, cut to ``limit`` characters, for one-line errors.
+
+    An empty message gives ``fallback`` (the exception's type name by default).
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else (type(exc).__name__ if fallback is None else fallback)
+    return text if limit is None else text[:limit]
+
+
 class RnnedgeError(Exception):
     """Base of all rnnedge errors."""
 

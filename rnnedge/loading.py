@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rnnedge.errors import ModelLoadError, UsageError
+from rnnedge.errors import ModelLoadError, UsageError, first_line
 
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
 SAFER = ("save model.state_dict() and pass --arch module:Class, or save a TorchScript "
@@ -79,12 +79,12 @@ def _torch_load(path: Path, trust_pickle: bool):
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" not in str(exc):
             raise ModelLoadError(
-                f"{path} is not a readable PyTorch file ({_first_line(exc)}); "
+                f"{path} is not a readable PyTorch file ({first_line(exc)}); "
                 "expected torch.save output, a TorchScript archive or a .pt2 program"
             ) from None
     except Exception as exc:  # noqa: BLE001 - a damaged file makes torch.load raise anything
         raise ModelLoadError(
-            f"{path} is not a readable PyTorch file (corrupt or truncated: {_first_line(exc)}); "
+            f"{path} is not a readable PyTorch file (corrupt or truncated: {first_line(exc)}); "
             "expected torch.save output, a TorchScript archive or a .pt2 program; save it again"
         ) from None
     if not trust_pickle:
@@ -96,13 +96,10 @@ def _torch_load(path: Path, trust_pickle: bool):
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling can raise anything the file's code does
         raise ModelLoadError(
-            f"unpickling {path} failed ({type(exc).__name__}: {_first_line(exc)}); the classes it "
+            f"unpickling {path} failed ({type(exc).__name__}: {first_line(exc)}); the classes it "
             f"names must be importable here (run from the project that defines them), or {SAFER}"
         ) from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _state_dict_of(path: Path, obj) -> dict:
@@ -151,7 +148,7 @@ def build_arch(arch: str, arch_kwargs: str | dict | None = None) -> nn.Module:
         raise
     except Exception as exc:  # noqa: BLE001 - importing user code can raise anything
         raise ModelLoadError(
-            f"--arch {arch}: could not import {where} ({type(exc).__name__}: {_first_line(exc)}); "
+            f"--arch {arch}: could not import {where} ({type(exc).__name__}: {first_line(exc)}); "
             "check the module path and that its dependencies are installed"
         ) from None
     cls = getattr(mod, name, None)
@@ -164,7 +161,7 @@ def build_arch(arch: str, arch_kwargs: str | dict | None = None) -> nn.Module:
         return cls(**kwargs)
     except TypeError as exc:
         raise ModelLoadError(
-            f"--arch {arch}: {name}(**{kwargs}) failed ({_first_line(exc)}); pass the constructor's "
+            f"--arch {arch}: {name}(**{kwargs}) failed ({first_line(exc)}); pass the constructor's "
             "arguments with --arch-kwargs '{\"name\": value}'"
         ) from None
 
@@ -232,7 +229,7 @@ def _from_torchscript(path: Path) -> nn.Module:
             warnings.simplefilter("ignore", DeprecationWarning)
             scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"{path} is a damaged TorchScript archive ({_first_line(exc)}); save it again") from None
+        raise ModelLoadError(f"{path} is a damaged TorchScript archive ({first_line(exc)}); save it again") from None
     name = getattr(scripted, "original_name", type(scripted).__name__)
     if name not in _LAYERS:
         raise ModelLoadError(

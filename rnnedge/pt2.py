@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rnnedge.errors import ExportError, ModelLoadError
+from rnnedge.errors import ExportError, ModelLoadError, first_line
 
 aten = torch.ops.aten
 WAY_OUT = "save model.state_dict() and pass --arch module:Class"
@@ -90,7 +90,7 @@ def load_program(path: Path) -> nn.Module:
             reference = program.module()
     except Exception as exc:  # noqa: BLE001 - a damaged archive makes torch raise anything
         raise ModelLoadError(
-            f"{path} is a damaged torch.export program ({_first_line(exc)}); save it again"
+            f"{path} is a damaged torch.export program ({first_line(exc)}); save it again"
         ) from None
     if not isinstance(gm, fx.GraphModule):
         raise ModelLoadError(
@@ -130,9 +130,6 @@ def load_program(path: Path) -> nn.Module:
         )
     return gm
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:
@@ -418,7 +415,7 @@ def _check_rewrite(path: Path, gm: nn.Module, reference: nn.Module, args) -> lis
     except Exception as exc:  # noqa: BLE001 - the program's own failure, in one line
         raise ModelLoadError(
             f"{path}: the program does not run on its own example inputs "
-            f"({type(exc).__name__}: {_first_line(exc)}); save it again, or {WAY_OUT}"
+            f"({type(exc).__name__}: {first_line(exc)}); save it again, or {WAY_OUT}"
         ) from None
     got = pytree.tree_leaves(got_tree)
     ok = len(got) == len(want) and all(

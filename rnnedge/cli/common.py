@@ -10,7 +10,7 @@ import traceback
 
 import click
 
-from rnnedge.errors import RnnedgeError
+from rnnedge.errors import RnnedgeError, first_line
 
 
 def fail(message: str, code: int) -> None:
@@ -36,7 +36,7 @@ def handles_errors(func):
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if debug:
                 traceback.print_exc()
-            line = (str(exc).strip().splitlines() or [""])[0][:300]
+            line = first_line(exc, 300, fallback="")
             fail(f"unexpected {type(exc).__name__}: {line} (run again with --debug for the "
                  "traceback, and report it)", 1)
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from rnnedge.errors import RnnedgeError, UnsupportedModelError, UsageError
+from rnnedge.errors import RnnedgeError, UnsupportedModelError, UsageError, first_line
 from rnnedge.exporters import trace
 from rnnedge.exporters.forms import _Form, _lift_form, _loop_error, _probe_model, _step_form
 from rnnedge.exporters.inputs import (
@@ -211,7 +211,7 @@ def _user_forward(what: str, examples):
         raise
     except Exception as exc:  # noqa: BLE001 - user code can raise anything
         shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in examples)
-        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        line = first_line(exc)
         raise UsageError(
             f"{what}.forward fails on an input of shape {shapes} ({type(exc).__name__}: {line}); "
             "check that the input shape and dtype (--input-shape, --input-dtype) fit the model"
@@ -231,7 +231,7 @@ def _run(form: _Form, x, batch: int, time: int | None) -> list:
         raise
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
         at = f"batch {batch}" + (f", time {time}" if time is not None else "")
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, fallback="")
         raise UsageError(
             f"forward() of {type(form.wrapper.model).__name__} fails at {at} "
             f"({type(exc).__name__}: {first}); rnnedge runs it at several batch sizes (and "

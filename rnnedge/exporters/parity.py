@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnnedge.errors import ExportError, ParityError
+from rnnedge.errors import ExportError, ParityError, first_line
 from rnnedge.exporters.spec import ExportSpec
 
 # Reference: (data inputs, states) -> (data outputs, states after), numpy in and out,
@@ -230,7 +230,7 @@ def run_gate(
     try:
         graph = GraphRunner(plan, model_bytes, providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc, 300)
         raise ExportError(
             f"onnxruntime cannot load the exported graph ({first}); nothing was written: try "
             "the default opset, or report the model"
@@ -243,8 +243,8 @@ def run_gate(
         try:
             results.append(_run_case(plan, graph, rng, case, atol, rtol))
         except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed case
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            results.append(CaseResult(case[0], float("inf"), float("inf"), False, [], first[:300]))
+            results.append(CaseResult(case[0], float("inf"), float("inf"), False, [],
+                                      first_line(exc, 300)))
     return results
 
 

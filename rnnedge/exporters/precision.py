@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rnnedge.errors import ExportError, UnsupportedModelError, UsageError
+from rnnedge.errors import ExportError, UnsupportedModelError, UsageError, first_line
 from rnnedge.exporters import parity
 from rnnedge.exporters.parity import CaseResult, compare
 
@@ -120,7 +120,7 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False,
                              extra_options={"EnableSubgraph": True})
         except Exception as exc:  # noqa: BLE001 - the quantizer raises plain exceptions
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc)
             raise ExportError(
                 f"onnxruntime's int8 quantizer failed on the graph ({first}); export in "
                 "float32 (leave out --quantize) and report the model"
@@ -210,7 +210,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         out = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
     except Exception as exc:  # noqa: BLE001 - the converter raises plain exceptions
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise ExportError(
             f"onnxruntime's float16 converter failed on the graph ({first}); export in "
             "float32 (leave out --precision) and report the model"
@@ -365,9 +365,8 @@ def run_gate(plan, model_bytes: bytes, precision: str, atol: float, rtol: float,
         try:
             results.append(job())
         except Exception as exc:  # noqa: BLE001 - a graph that cannot run is a failed case
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             results.append(parity.CaseResult(name, float("inf"), float("inf"), False, [],
-                                             first[:300]))
+                                             first_line(exc, 300)))
     return results
 
 

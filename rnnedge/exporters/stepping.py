@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from rnnedge.errors import UnsupportedModelError
+from rnnedge.errors import UnsupportedModelError, first_line
 from rnnedge.exporters.inputs import _resize
 from rnnedge.exporters.spec import StateSpec
 
@@ -202,7 +202,7 @@ def _call_init(fn, name: str, *batch):
     try:
         return fn(*batch)
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, fallback="")
         call = f"{name}({', '.join(map(str, batch))})"
         raise UnsupportedModelError(
             f"{call} failed ({type(exc).__name__}: {first}); rnnedge calls the init method "
