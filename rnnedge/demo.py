@@ -210,7 +210,7 @@ class DemoResult:
     test_rmse: float
     naive_rmse: float
     stream_max_abs: float
-    verify: object  # rnnedge.verify.VerifyReport
+    verify: object  # rnnedge.exporters.verify.VerifyReport
     bench: object  # rnnedge.bench.BenchReport
     seconds: float
     files: dict = field(default_factory=dict)
@@ -249,9 +249,9 @@ def run_demo(out, *, budget: float = 10.0, quick: bool = False, hidden: int = 32
 
     budget: seconds of training. quick: a shorter benchmark (for tests and smoke runs).
     """
-    from rnnedge.atomic import write_bytes_atomic
     from rnnedge.bench import benchmark, write_json
-    from rnnedge.verify import raise_on_failure, verify
+    from rnnedge.exporters.verify import raise_on_failure, verify
+    from rnnedge.files import write_bytes_atomic
 
     status = status or (lambda text: None)
     if not budget > 0:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import rnnedge
-from rnnedge.exporters import weights
+from rnnedge import recurrent as weights
 from tests import ortref
 
 # Tolerances per dtype for the tests' own, independent comparison.
@@ -205,7 +205,7 @@ def test_broken_translation_fails_the_gate(tmp_path, monkeypatch):
 
 
 def test_broken_gru_reset_placement_fails_the_gate(tmp_path, monkeypatch):
-    from rnnedge.exporters import emit
+    from rnnedge.graphs import emit
 
     real = emit._fused_node
 
@@ -264,7 +264,7 @@ def test_unwritable_destination_is_a_usage_error(tmp_path):
 
 
 def test_other_opsets(tmp_path):
-    from rnnedge.exporters.spec import max_opset
+    from rnnedge.graphs.opset import max_opset
 
     for opset in (14, 17, 20, max_opset()):
         report = rnnedge.export(nn.LSTM(6, 12), tmp_path / f"m{opset}.onnx",

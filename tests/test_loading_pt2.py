@@ -13,8 +13,8 @@ from torch import nn
 
 from rnnedge.cli import main
 from rnnedge.errors import ModelLoadError
-from rnnedge.loading import load_model
-from rnnedge.pt2 import ProgramStep
+from rnnedge.loaders.model_file import load_model
+from rnnedge.loaders.pt2 import ProgramStep
 from tests import ortref
 
 T, B, CHUNKS = 11, 3, (4, 1, 6)

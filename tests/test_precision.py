@@ -20,10 +20,11 @@ from torch import nn
 import rnnedge
 from rnnedge.cli import main
 from rnnedge.errors import ParityError, UnsupportedModelError, UsageError
-from rnnedge.exporters import parity, precision
 from rnnedge.exporters.api import make_plan
-from rnnedge.exporters.spec import TOLERANCES
-from rnnedge.exporters.unfused import unfuse
+from rnnedge.gate import parity
+from rnnedge.gate.tolerance import TOLERANCES
+from rnnedge.graphs.unfuse import unfuse
+from rnnedge.precision import core as precision
 from tests import ortref
 
 torch.set_num_threads(1)  # tiny models: threads only add noise and contention

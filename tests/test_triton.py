@@ -15,9 +15,9 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 import rnnedge
-from rnnedge import triton
 from rnnedge.cli import main
 from rnnedge.errors import UsageError
+from rnnedge.triton import repository as triton
 from tests import ortref
 
 torch.set_num_threads(1)
@@ -302,8 +302,8 @@ def test_cli_bad_name_is_one_line_exit_2(tmp_path):
 
 
 def test_config_text_refuses_what_triton_cannot_batch():
+    from rnnedge.contract import ExportSpec, StateSpec, TensorSpec
     from rnnedge.errors import UnsupportedModelError
-    from rnnedge.exporters.spec import ExportSpec, StateSpec, TensorSpec
 
     spec = ExportSpec("stream", (TensorSpec("input", "float32", ("time", "batch", 6)),),
                       (TensorSpec("output", "float32", ("time", "batch", 4)),),

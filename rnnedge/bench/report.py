@@ -85,6 +85,6 @@ def _rounded(row: dict, digits: int = 3) -> dict:
 
 
 def write_json(report: BenchReport, path) -> Path:
-    from rnnedge.atomic import write_bytes_atomic
+    from rnnedge.files import write_bytes_atomic
 
     return write_bytes_atomic(path, (json.dumps(report.as_dict(), indent=2) + "\n").encode())

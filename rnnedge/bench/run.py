@@ -87,7 +87,7 @@ def benchmark(graph_path, *, module=None, batches=(1,), chunks=(1,), steps: int 
     """
     import onnx
 
-    from rnnedge.verify import plan_for_graph, providers_for, read_graph
+    from rnnedge.exporters.verify import plan_for_graph, providers_for, read_graph
 
     graph = read_graph(graph_path)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:

@@ -153,7 +153,7 @@ def command(graph_path, device, batch, chunk, steps, max_time, threads, engines,
     with progress_bar() as update, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model_path:
-            from rnnedge.loading import load_model, parse_input_shape
+            from rnnedge.loaders.model_file import load_model, parse_input_shape
 
             update(0, None, f"loading {model_path}")
             module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)

@@ -98,7 +98,7 @@ def load_with_example(model_path, arch, arch_kwargs, trust_pickle, input_shape, 
                       status=None):
     """(module, example input, input axes) from the shared model options."""
     from rnnedge.errors import UsageError
-    from rnnedge.loading import load_model, make_example, parse_input_shape
+    from rnnedge.loaders.model_file import load_model, make_example, parse_input_shape
 
     if status:
         status(f"loading {model_path}")

@@ -67,8 +67,8 @@ def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape
     """
     import warnings
 
-    from rnnedge.loading import load_model, parse_input_shape
-    from rnnedge.verify import raise_on_failure, verify
+    from rnnedge.exporters.verify import raise_on_failure, verify
+    from rnnedge.loaders.model_file import load_model, parse_input_shape
 
     with progress_status(not as_json) as status, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import onnx
 
-from rnnedge.atomic import check_destination, write_bytes_atomic
+from rnnedge.contract import METADATA_KEY
 from rnnedge.errors import ExportError, ParityError, UnsupportedModelError, UsageError
-from rnnedge.exporters import parity
-from rnnedge.exporters import precision as precision_mod
 from rnnedge.exporters.layers import STACKS, is_layer, plan_layer
 from rnnedge.exporters.layers import input_axes as layer_axes
-from rnnedge.exporters.spec import METADATA_KEY, check_opset, tolerance
+from rnnedge.files import check_destination, write_bytes_atomic
+from rnnedge.gate import parity
+from rnnedge.gate.tolerance import tolerance
+from rnnedge.graphs.opset import check_opset
+from rnnedge.precision import core as precision_mod
 
 MODES = ("stream", "sequence")
 
@@ -164,7 +166,7 @@ def _triton_target(path, mode, triton_repo, triton_name):
         if triton_name is not None:
             raise UsageError("triton_name needs triton_repo (--triton-name needs --triton-repo)")
         return None
-    from rnnedge import triton
+    from rnnedge.triton import repository as triton
 
     if mode != "stream":
         raise UsageError(
@@ -233,7 +235,7 @@ def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_
     triton_dir = None
     with contextlib.ExitStack() as stack:
         if triton_out is not None:
-            from rnnedge import triton
+            from rnnedge.triton import repository as triton
 
             # Rolled back if the graph file below cannot be put in place: both or neither.
             triton_dir = stack.enter_context(
@@ -247,7 +249,7 @@ def _export(model, path, example_input, mode, opset, atol, rtol, lengths, input_
 
 def _triton_variant(plan, graph, target, precision, atol, rtol, providers, device, progress):
     """(model bytes, config text, gate results) of the batch-first variant for Triton."""
-    from rnnedge import triton
+    from rnnedge.triton import repository as triton
 
     tplan, tgraph = triton.batch_first_plan(plan, graph)
     tdata = check_graph(tgraph)

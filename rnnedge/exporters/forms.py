@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rnnedge.contract import StateSpec
 from rnnedge.errors import ParityError, UnsupportedModelError
 from rnnedge.exporters import trace
 from rnnedge.exporters.inputs import Input, _resize
-from rnnedge.exporters.spec import StateSpec
 from rnnedge.exporters.stepping import PROTOCOL, StepState, _split_step
 
 

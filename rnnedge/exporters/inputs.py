@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from rnnedge.contract import TensorSpec
 from rnnedge.errors import UsageError
 from rnnedge.exporters import trace
-from rnnedge.exporters.spec import TensorSpec
 
 DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32"}
 TRACE_BATCH, TRACE_TIME = 2, 3

@@ -10,15 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from rnnedge.contract import ExportSpec, StateSpec, TensorSpec
 from rnnedge.errors import UnsupportedModelError, UsageError
-from rnnedge.exporters.emit import emit_cell, emit_stack
-from rnnedge.exporters.graph import GraphBuilder
-from rnnedge.exporters.parity import Plan
-from rnnedge.exporters.spec import ExportSpec, StateSpec, TensorSpec
-from rnnedge.exporters.weights import kind_of
-
-STACKS = (nn.RNN, nn.LSTM, nn.GRU)
-CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+from rnnedge.gate.parity import Plan
+from rnnedge.graphs.builder import GraphBuilder
+from rnnedge.graphs.emit import emit_cell, emit_stack
+from rnnedge.recurrent import CELLS, STACKS, kind_of
 
 
 def is_layer(model) -> bool:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rnnedge.contract import ExportSpec, TensorSpec
 from rnnedge.errors import RnnedgeError, UnsupportedModelError, UsageError, first_line
 from rnnedge.exporters import trace
 from rnnedge.exporters.forms import _Form, _lift_form, _loop_error, _probe_model, _step_form
@@ -52,8 +53,6 @@ from rnnedge.exporters.inputs import (
     make_sample,
 )
 from rnnedge.exporters.layers import source_of
-from rnnedge.exporters.parity import Plan
-from rnnedge.exporters.spec import ExportSpec, TensorSpec
 from rnnedge.exporters.stepping import (
     PROTOCOL,
     SELF_ATOL,
@@ -63,6 +62,7 @@ from rnnedge.exporters.stepping import (
     _looks_like_step,
     _positional,
 )
+from rnnedge.gate.parity import Plan
 
 # Eager sizes used to tell which output axes follow batch and time: (batch, time) twice.
 PROBE_SIZES = ((2, 3), (3, 5))

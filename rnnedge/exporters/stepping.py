@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rnnedge.contract import StateSpec
 from rnnedge.errors import UnsupportedModelError, first_line
 from rnnedge.exporters.inputs import _resize
-from rnnedge.exporters.spec import StateSpec
 
 INIT_METHODS = ("init_hidden", "init_state", "init_states", "initHidden")
 # Eager-vs-eager check (lifted state at zero vs the model's own forward): same math.

@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from rnnedge.errors import ExportError, RnnedgeError, UnsupportedModelError, UsageError
-from rnnedge.exporters.emit import emit_cell, emit_stack
-from rnnedge.exporters.layers import CELLS, STACKS
+from rnnedge.graphs.emit import emit_cell, emit_stack
+from rnnedge.recurrent import CELLS, STACKS
 
 IR_VERSION = 10  # what the exporter writes; runtimes lag behind onnx
 

@@ -1,4 +1,4 @@
-"""``rnnedge.verify``: re-run the parity gate of a written graph against its PyTorch model.
+"""``rnnedge.exporters.verify``: re-run the parity gate of a written graph against its PyTorch model.
 
 The export's Plan (its eager ``reference`` and seeded ``sample`` functions) is rebuilt from
 the loaded model in the graph's own mode and opset, and its spec is checked against the
@@ -117,7 +117,7 @@ def example_for(module, graph: GraphFile, input_axes: tuple | None = None, input
     input_axes: e.g. ("batch", "time", 16); None takes the graph's own input shape, so
     ``--input-shape`` is optional when verifying or benchmarking a file.
     """
-    from rnnedge.loading import make_example
+    from rnnedge.loaders.model_file import make_example
 
     data = graph.data_inputs
     if not data:
@@ -301,8 +301,8 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
     Raises ContractError when the graph was not exported from a model of this shape,
     UsageError / DeviceError for bad arguments.
     """
-    from rnnedge.exporters import parity
-    from rnnedge.exporters.spec import tolerance
+    from rnnedge.gate import parity
+    from rnnedge.gate.tolerance import tolerance
 
     graph = read_graph(graph_path)
     precision, precision_mod = _precision_of(graph)
@@ -336,7 +336,7 @@ def _precision_of(graph: GraphFile):
     if precision == "fp32":
         return precision, None
     try:
-        from rnnedge.exporters import precision as precision_mod
+        from rnnedge.precision import core as precision_mod
     except ImportError:
         precision_mod = None
     if precision_mod is None or precision not in getattr(precision_mod, "PRECISIONS", ()):

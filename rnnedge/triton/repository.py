@@ -173,7 +173,7 @@ def batch_first_graph(model: onnx.ModelProto, spec) -> onnx.ModelProto:
 
 def batch_first_spec(spec):
     """The contract of ``batch_first_graph``: shapes permuted, states with batch_axis 0."""
-    from rnnedge.exporters.spec import StateSpec, TensorSpec
+    from rnnedge.contract import StateSpec, TensorSpec
 
     moves = _moves(spec)
 
@@ -208,7 +208,7 @@ def batch_first_plan(plan, model: onnx.ModelProto):
     original's with inputs, outputs and states transposed, so the same eager model checks
     the variant through the same gate.
     """
-    from rnnedge.exporters.parity import Plan
+    from rnnedge.gate.parity import Plan
 
     spec = plan.spec
     moves = _moves(spec)
@@ -326,7 +326,7 @@ def staged_repository(repo, name: str, model_bytes: bytes, config: str):
     If the body of the ``with`` raises (e.g. the graph file beside it cannot be written),
     everything is rolled back: the previous model folder returns, a created repo goes.
     """
-    from rnnedge.atomic import default_mode
+    from rnnedge.files import default_mode
 
     dest = check_target(repo, check_name(name))
     repo = dest.parent

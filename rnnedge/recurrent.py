@@ -13,6 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+#: PyTorch's recurrent modules: multi-step layers and their single-step cells.
+STACKS = (nn.RNN, nn.LSTM, nn.GRU)
+CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+
 # Row-block permutation from PyTorch's gate order to ONNX's.
 _GATE_ORDER = {"LSTM": [0, 3, 1, 2], "GRU": [1, 0, 2], "RNN": [0]}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from rnnedge.exporters.graph import GraphBuilder
-from rnnedge.exporters.weights import kind_of, layer_weights
+from rnnedge.graphs.builder import GraphBuilder
+from rnnedge.recurrent import kind_of, layer_weights
 
 
 def _fused_node(g, kind, module, lw, x, h0, c0, seq_lens, hint):

@@ -34,8 +34,8 @@ import onnx
 from onnx import numpy_helper
 
 from rnnedge.errors import ExportError, UnsupportedModelError, UsageError, first_line
-from rnnedge.exporters import parity
-from rnnedge.exporters.parity import CaseResult, compare
+from rnnedge.gate import parity
+from rnnedge.gate.parity import CaseResult, compare
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The TOLERANCES key each precision's gate uses (fp32 uses the graph's own dtype).
@@ -104,7 +104,7 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from rnnedge.exporters.unfused import unfuse
+    from rnnedge.graphs.unfuse import unfuse
 
     source = unfuse(model)  # GRU/RNN -> MatMul + Scan; LSTM stays fused (it has a kernel)
     # The quantizer rewrites Gemm as MatMul with a transposed weight but keeps the old
@@ -433,7 +433,7 @@ class Agreement:
 def _contract(model: onnx.ModelProto) -> dict:
     import json
 
-    from rnnedge.exporters.spec import METADATA_KEY
+    from rnnedge.contract import METADATA_KEY
 
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:

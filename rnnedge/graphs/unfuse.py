@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from rnnedge.errors import UnsupportedModelError
-from rnnedge.exporters.graph import unique_name
+from rnnedge.graphs.builder import unique_name
 
 KINDS = ("GRU", "RNN")
 

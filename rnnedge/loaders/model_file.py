@@ -244,8 +244,8 @@ def _from_torchscript(path: Path) -> nn.Module:
 
 
 def _from_exported_program(path: Path) -> nn.Module:
-    """A .pt2 program: its recurrent layers rebuilt as nn.LSTM/GRU/RNN (see rnnedge.pt2)."""
-    from rnnedge.pt2 import load_program
+    """A .pt2 program: its recurrent layers rebuilt as nn.LSTM/GRU/RNN (see rnnedge.loaders.pt2)."""
+    from rnnedge.loaders.pt2 import load_program
 
     return load_program(path)
 

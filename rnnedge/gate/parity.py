@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rnnedge.contract import ExportSpec
 from rnnedge.errors import ExportError, ParityError, first_line
-from rnnedge.exporters.spec import ExportSpec
 
 # Reference: (data inputs, states) -> (data outputs, states after), numpy in and out,
 # dicts keyed by graph names (state dicts by the state's *input* name).

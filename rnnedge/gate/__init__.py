@@ -1,0 +1,1 @@
+"""The parity gate: plans, cases, comparisons, tolerances, one runner."""

@@ -1,0 +1,1 @@
+"""Model files: state_dict + arch, TorchScript, torch.export .pt2, pickles."""

@@ -1,0 +1,1 @@
+"""Reduced precision (int8, fp16): conversion, gate policy, providers."""
