@@ -123,7 +123,7 @@ def latency(data: bytes, device: str, batch: int, steps: int) -> dict:
     x = np.random.default_rng(1).standard_normal((1, batch, 64)).astype(np.float32)
     stream = model.stream(batch=batch)
     sess = model.session
-    state = {s.input: np.zeros(s.shape_for(batch), s.dtype) for s in model.contract.states}
+    state = {s.input: s.zeros(batch) for s in model.contract.states}
     names = ["output"] + [s.output for s in model.contract.states]
 
     def plain():

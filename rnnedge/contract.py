@@ -1,8 +1,12 @@
-"""An export described as data: names, shapes, state pairs, tolerances.
+"""The rnnedge graph contract: written once by the exporter, read by everything else.
 
-``ExportSpec`` is what ends up, as JSON, in the graph's ``rnnedge`` metadata entry
-(see docs/contract.md). Shapes use strings for dynamic axes ("batch", "time") and
-integers for fixed sizes.
+A graph rnnedge writes carries an ``ExportSpec`` as JSON under the ``rnnedge`` key of its
+ONNX ``metadata_props`` (format 1, docs/contract.md). ``ExportSpec.to_json`` writes it and
+``from_json`` reads it back, validated, or raises ContractError with a one-line message;
+every reader (runtime, verify, inspect, bench, precision) goes through ``from_json``.
+
+Shapes are tuples with a string for a dynamic axis ("batch", "time") and an int for a
+fixed size; dtypes are numpy names ("float32", "int64"). Only numpy is imported here.
 """
 
 from __future__ import annotations
@@ -11,48 +15,86 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from rnnedge.errors import ContractError
+
 FORMAT = 1
 METADATA_KEY = "rnnedge"
+MODES = ("stream", "sequence")
+DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+INITS = ("zeros",)
+#: The name, dtype and shape of sequence mode's optional per-row valid lengths input.
+LENGTHS = ("lengths", "int64", ("batch",))
 
-Shape = tuple  # of int | str
+Shape = tuple  # of int (fixed size) | str (named dynamic axis)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One data input or output of the graph."""
+    """One data input or output of the graph.
+
+    range: for integer (token id) inputs, the half-open interval ``[low, high)`` of values
+    the graph was proven on (an nn.Embedding's ``[0, num_embeddings)``); None when unknown.
+    """
 
     name: str
     dtype: str
     shape: Shape
+    range: tuple[int, int] | None = None
+
+    @property
+    def batch_axis(self) -> int | None:
+        """The axis named "batch", or None."""
+        return self.shape.index("batch") if "batch" in self.shape else None
+
+    @property
+    def is_lengths(self) -> bool:
+        """True for sequence mode's int64 ``lengths`` input of shape (batch,)."""
+        return (self.name, self.dtype, tuple(self.shape)) == LENGTHS
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.range is not None:
+            out["range"] = list(self.range)
+        return out
 
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One recurrent state tensor: graph input ``input`` before the call, ``output`` after."""
+    """One recurrent state tensor: graph input ``input`` before a call, ``output`` after.
+
+    shape: every axis fixed but ``batch_axis``. batch_axis is None only for a state of
+    fixed shape (a graph from elsewhere exported for one batch size; never in metadata).
+    """
 
     input: str
     output: str
     dtype: str
     shape: Shape
-    batch_axis: int
+    batch_axis: int | None
     init: str = "zeros"
 
+    def shape_for(self, batch: int) -> tuple:
+        """The concrete shape of this state for ``batch`` rows, e.g. (layers, batch, hidden)."""
+        return tuple(batch if axis == self.batch_axis else dim for axis, dim in enumerate(self.shape))
+
+    def zeros(self, batch: int) -> np.ndarray:
+        """A fresh state for ``batch`` rows (``init`` "zeros"): ``shape_for(batch)``, ``dtype``."""
+        return np.zeros(self.shape_for(batch), self.dtype)
+
     def as_dict(self) -> dict:
-        return {
-            "input": self.input,
-            "output": self.output,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "batch_axis": self.batch_axis,
-            "init": self.init,
-        }
+        return {"input": self.input, "output": self.output, "dtype": self.dtype,
+                "shape": list(self.shape), "batch_axis": self.batch_axis, "init": self.init}
 
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """The whole graph contract, less the parity figures (added once the gate has run)."""
+    """The whole graph contract.
+
+    parity: the gate's figures; writers add them once the gate has run (``metadata_json``).
+    source: what was exported (normally {"class", "torch"}); informational, any JSON value.
+    """
 
     mode: str  # "stream" | "sequence"
     inputs: tuple[TensorSpec, ...]
@@ -61,8 +103,31 @@ class ExportSpec:
     time_axis: int | None
     opset: int
     source: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+
+    @property
+    def data_inputs(self) -> tuple[TensorSpec, ...]:
+        """The data inputs without sequence mode's ``lengths``."""
+        return tuple(t for t in self.inputs if not t.is_lengths)
+
+    @property
+    def has_lengths(self) -> bool:
+        return any(t.is_lengths for t in self.inputs)
+
+    def time_axis_of(self, t: TensorSpec) -> int | None:
+        """The time axis of tensor ``t``, or None: ``time_axis`` where ``t`` has a dynamic,
+        non-batch axis there (so not for ``lengths`` (batch,), nor a fixed-size axis)."""
+        axis = self.time_axis
+        if axis is None or axis >= len(t.shape) or axis == t.batch_axis or isinstance(t.shape[axis], int):
+            return None
+        return axis
+
+    def zero_states(self, batch: int) -> dict:
+        """{state input name: zeros} for a fresh call of ``batch`` rows."""
+        return {s.input: s.zeros(batch) for s in self.states}
 
     def metadata(self, parity: dict | None = None) -> dict:
+        """The contract as a JSON-ready dict; ``parity`` replaces this spec's own figures."""
         return {
             "format": FORMAT,
             "mode": self.mode,
@@ -71,12 +136,144 @@ class ExportSpec:
             "states": [s.as_dict() for s in self.states],
             "time_axis": self.time_axis,
             "opset": self.opset,
-            "source": dict(self.source),
-            "parity": dict(parity or {}),
+            "source": dict(self.source) if isinstance(self.source, dict) else self.source,
+            "parity": dict(self.parity if parity is None else parity),
         }
 
     def metadata_json(self, parity: dict | None = None) -> str:
         return json.dumps(self.metadata(parity), sort_keys=False)
 
+    def to_json(self) -> str:
+        return self.metadata_json()
+
     def replace(self, **changes) -> ExportSpec:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExportSpec:
+        return from_json(text)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+_REQUIRED = ("mode", "inputs", "outputs", "states", "opset")
+
+
+def _fail(what: str) -> ContractError:
+    return ContractError(f"rnnedge metadata is malformed: {what}; see docs/contract.md, or re-export the model")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name(raw: dict, key: str, where: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise _fail(f"{where} needs a non-empty string {key!r}, got {value!r}")
+    return value
+
+
+def _dtype(raw: dict, where: str) -> str:
+    value = raw.get("dtype")
+    if value not in DTYPES:
+        raise _fail(f"{where} has dtype {value!r}; known dtypes are {', '.join(DTYPES)}")
+    return value
+
+
+def _shape(raw: dict, where: str) -> tuple:
+    value = raw.get("shape")
+    if not isinstance(value, list):
+        raise _fail(f"{where} needs a 'shape' list, got {value!r}")
+    for dim in value:
+        if not (isinstance(dim, str) and dim) and not (_is_int(dim) and dim >= 0):
+            raise _fail(f"{where}: shape entries must be axis names or ints >= 0, got {dim!r} in {value!r}")
+    return tuple(value)
+
+
+def _object(raw, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise _fail(f"{where} must be a JSON object, got {raw!r}")
+    return raw
+
+
+def _tensor(raw, where: str) -> TensorSpec:
+    raw = _object(raw, where)
+    name = _name(raw, "name", where)
+    where = f"{where} {name!r}"
+    dtype, shape = _dtype(raw, where), _shape(raw, where)
+    span = raw.get("range")
+    if span is not None:
+        if not np.issubdtype(np.dtype(dtype), np.integer):
+            raise _fail(f"{where} is {dtype} but has a 'range', which only integer inputs have")
+        if not (isinstance(span, list) and len(span) == 2 and all(map(_is_int, span)) and span[0] < span[1]):
+            raise _fail(f"{where}: 'range' must be [low, high] ints with low < high, got {span!r}")
+        span = (span[0], span[1])
+    return TensorSpec(name, dtype, shape, span)
+
+
+def _state(raw, where: str) -> StateSpec:
+    raw = _object(raw, where)
+    name = _name(raw, "input", where)
+    where = f"state {name!r}"
+    output = _name(raw, "output", where)
+    dtype, shape = _dtype(raw, where), _shape(raw, where)
+    axis = raw.get("batch_axis")
+    if not _is_int(axis) or not 0 <= axis < len(shape) or _is_int(shape[axis]):
+        raise _fail(f"{where}: batch_axis {axis!r} is not a dynamic axis of {list(shape)}")
+    if any(not _is_int(d) for i, d in enumerate(shape) if i != axis):
+        raise _fail(f"{where}: only the batch axis may be dynamic in {list(shape)}")
+    init = raw.get("init", "zeros")  # absent in hand-written metadata: zeros is the only kind
+    if init not in INITS:
+        raise _fail(f"{where} has unknown init {init!r} (this version knows {', '.join(map(repr, INITS))})")
+    return StateSpec(name, output, dtype, shape, axis, init)
+
+
+def _unique(names: list[str], kind: str) -> None:
+    seen = [n for i, n in enumerate(names) if n in names[:i]]
+    if seen:
+        raise _fail(f"graph {kind} {seen[0]!r} is listed twice")
+
+
+def from_json(text: str) -> ExportSpec:
+    """The ExportSpec in ``text`` (a graph's ``rnnedge`` metadata), fully validated.
+
+    Raises ContractError (one line) for text that is not JSON, an unknown ``format``, a
+    missing or malformed entry, an unknown mode, dtype or init, or a bad batch/time axis.
+    """
+    try:
+        meta = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise ContractError(f"the graph's rnnedge metadata is not valid JSON ({exc}); re-export the model") from None
+    if not isinstance(meta, dict):
+        raise ContractError("the graph's rnnedge metadata must be a JSON object; re-export the model")
+    fmt = meta.get("format")
+    if fmt != FORMAT or isinstance(fmt, bool):
+        raise ContractError(
+            f"the graph's rnnedge metadata has format {fmt!r}; this version reads format {FORMAT} "
+            "only: upgrade rnnedge or re-export the model with this version")
+    missing = [key for key in _REQUIRED if key not in meta]
+    if missing:
+        raise _fail(f"it lacks {', '.join(map(repr, missing))}")
+    mode = meta["mode"]
+    if mode not in MODES:
+        raise ContractError(f"rnnedge metadata: mode must be one of {MODES}, got {mode!r}; re-export the model")
+    time_axis = meta.get("time_axis")
+    if time_axis is not None and (not _is_int(time_axis) or time_axis < 0):
+        raise ContractError(f"rnnedge metadata: time_axis must be null or an int >= 0, got {time_axis!r}")
+    opset = meta["opset"]
+    if not _is_int(opset) or opset < 1:
+        raise _fail(f"opset must be an int >= 1, got {opset!r}")
+    for key in ("inputs", "outputs", "states"):
+        if not isinstance(meta[key], list):
+            raise _fail(f"{key!r} must be a list, got {meta[key]!r}")
+    inputs = tuple(_tensor(t, "input") for t in meta["inputs"])
+    outputs = tuple(_tensor(t, "output") for t in meta["outputs"])
+    states = tuple(_state(s, "state") for s in meta["states"])
+    _unique([t.name for t in inputs] + [s.input for s in states], "input")
+    _unique([t.name for t in outputs] + [s.output for s in states], "output")
+    parity = meta.get("parity") or {}
+    if not isinstance(parity, dict):
+        raise _fail(f"'parity' must be an object, got {parity!r}")
+    source = meta.get("source", {})
+    return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity))

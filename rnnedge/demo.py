@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rnnedge.errors import UnsupportedModelError, UsageError
+from rnnedge.limits import MAX_HIDDEN, check_count, check_seconds
 
 HOURS_PER_DAY = 24
 SERIES_LENGTH = 24 * 7 * 36  # 36 weeks of hourly readings
@@ -32,6 +33,9 @@ TRAIN_FRACTION = 0.8
 WINDOW = 96  # training sequence length: four days of context
 WARMUP = 8  # the first predictions of a window see little history: not scored in training
 EVAL_CHUNK = 24  # the runtime is fed a day at a time when forecasting the test period
+CELLS = ("lstm", "gru")
+#: What the demo writes into its folder (core.pt only when the head runs in numpy).
+OUTPUT_FILES = ("model.pt", "core.pt", "forecaster.onnx", "bench.json", "report.json")
 
 
 class Forecaster(nn.Module):
@@ -173,7 +177,7 @@ def export_forecaster(model: Forecaster, out: Path, hidden: int, cell: str) -> E
                 f"{str(exc).splitlines()[0][:120]}); exported its {cell.upper()} core, head in numpy")
     core = model.rnn
     core_path = out / "core.pt"
-    torch.save(core.state_dict(), core_path)
+    save_state(core, core_path)
     report = rnnedge.export(core, graph, example_input=example, input_axes=[("batch", "time", 1)])
     kwargs = {"input_size": 1, "hidden_size": hidden, "batch_first": True}
     return Exported(graph, core_path, f"torch.nn:{cell.upper()}", kwargs, False, core,
@@ -251,13 +255,10 @@ def run_demo(out, *, budget: float = 10.0, quick: bool = False, hidden: int = 32
     """
     from rnnedge.bench import benchmark, write_json
     from rnnedge.exporters.verify import raise_on_failure, verify
-    from rnnedge.files import write_bytes_atomic
+    from rnnedge.files import check_destination, write_bytes_atomic
 
     status = status or (lambda text: None)
-    if not budget > 0:
-        raise UsageError(f"--budget must be a number of seconds > 0, got {budget!r}")
-    if hidden < 1:
-        raise UsageError(f"--hidden must be >= 1, got {hidden!r}")
+    budget, hidden, out = check_demo_args(out, budget, hidden, cell)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     clock = [start]
@@ -267,11 +268,12 @@ def run_demo(out, *, budget: float = 10.0, quick: bool = False, hidden: int = 32
         timings[name] = now - clock[0]
         clock[0] = now
 
-    out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the output folder {out} ({exc.strerror}); choose another --out") from None
+    for name in OUTPUT_FILES:  # a folder or a device named like an output: refused before training
+        check_destination(out / name)
 
     status("making the sensor series")
     series = make_series(seed=seed)
@@ -280,7 +282,7 @@ def run_demo(out, *, budget: float = 10.0, quick: bool = False, hidden: int = 32
     status(f"training a {cell.upper()}({hidden}) forecaster for {budget:g} s")
     training = train(model, series, budget, seed)
     model_path = out / "model.pt"
-    torch.save(model.state_dict(), model_path)
+    save_state(model, model_path)
     lap("train")
 
     status("exporting")
@@ -321,6 +323,32 @@ def run_demo(out, *, budget: float = 10.0, quick: bool = False, hidden: int = 32
     return result
 
 
+def check_demo_args(out, budget, hidden, cell) -> tuple[float, int, Path]:
+    """(budget, hidden, out folder) checked before any work: UsageError for what no run can do
+    (an endless budget, a hidden size of terabytes, an empty or file-valued --out)."""
+    budget = check_seconds("--budget", budget)
+    hidden = check_count("--hidden", hidden, MAX_HIDDEN)
+    if cell not in CELLS:
+        raise UsageError(f"--cell must be one of {', '.join(CELLS)}, got {cell!r}")
+    if out is None or str(out).strip() == "":
+        raise UsageError("--out is empty: give the folder for the demo's files, e.g. --out rnnedge-demo")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder; give a folder (it may not exist yet)")
+    return budget, hidden, out
+
+
+def save_state(module: nn.Module, path: Path) -> Path:
+    """torch.save of ``module``'s state_dict, atomically: a full disk leaves no empty or
+    partial file (torch.save onto a path reports a failed write as a bare RuntimeError, so
+    it writes to a Python file, whose OSError becomes a one-line error)."""
+    from rnnedge.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(module.state_dict(), f)
+    return path
+
+
 def print_report(result: DemoResult, console=None) -> None:
     """The short story: data, training, forecast quality, parity, latency, files."""
     from rich.console import Console
@@ -331,8 +359,8 @@ def print_report(result: DemoResult, console=None) -> None:
     console.print(f"[bold]rnnedge demo[/bold]: a recurrent forecaster trained in PyTorch, exported, "
                   f"proven equal and measured, in {r.seconds:.1f} s")
     story = Table.grid(padding=(0, 2))
-    story.add_column(style="bold")
-    story.add_column()
+    story.add_column(style="bold", no_wrap=True)
+    story.add_column(overflow="fold")  # wrapped, and a long path folded: never cropped
     story.add_row("data", f"{len(s.values):,} hourly readings of a synthetic temperature sensor (daily and "
                           f"weekly seasons, drift, noise); train {s.split:,}, test {len(s.values) - s.split:,}")
     params = sum(p.numel() for p in e.module.parameters())

@@ -60,3 +60,20 @@ class StepInputError(UsageError, ValueError):
 
 class DeviceError(RnnedgeError):
     """The requested execution provider / device is not usable."""
+
+
+class NonFiniteError(StepInputError):
+    """A step met NaN or inf (in an input, an output or the new state) and was undone.
+
+    ``names`` lists the tensors that held them. The state is exactly as before the step.
+    Streams and pools check float tensors by default (``check_finite=False`` opts out),
+    because onnxruntime's CPU recurrent kernels turn a NaN into plausible finite numbers.
+    """
+
+    def __init__(self, message: str, names: list | None = None):
+        super().__init__(message)
+        self.names = list(names or [])
+
+
+class ConcurrentUseError(RnnedgeError):
+    """A Stream or Pool was used from a second thread while a call on it was in progress."""

@@ -8,23 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from rnnedge.cli import main
 from tests import ortref, zoo
 
 ZOO = "tests/zoo.py"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, code):
-    assert result.exit_code == code, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def save_checkpoint(tmp_path, model, key="model"):
@@ -44,13 +31,14 @@ FORMS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls,kwargs,shape,dtype,time_axis", FORMS, ids=[f[0].__name__ for f in FORMS])
-def test_state_dict_with_arch_file_exports_and_streams(tmp_path, cls, kwargs, shape, dtype, time_axis):
+def test_state_dict_with_arch_file_exports_and_streams(cli, tmp_path, cls, kwargs, shape, dtype, time_axis):
     torch.manual_seed(0)
     model = cls(**kwargs).eval()
     ckpt = save_checkpoint(tmp_path, model)
     out = tmp_path / "m.onnx"
-    result = run("export", ckpt, "-o", out, "--arch", f"{ZOO}:{cls.__name__}",
+    result = cli("export", ckpt, "-o", out, "--arch", f"{ZOO}:{cls.__name__}",
                  "--arch-kwargs", json.dumps(kwargs), "--input-shape", shape, "--input-dtype", dtype)
     assert result.exit_code == 0, result.output
     assert re.match(rf"wrote {re.escape(str(out))} \(.*stream mode\): parity \d+ cases passed", result.stdout)
@@ -69,38 +57,41 @@ def test_state_dict_with_arch_file_exports_and_streams(tmp_path, cls, kwargs, sh
     assert any(np.abs(v).sum() > 0 for v in new_states.values())
 
 
-def test_pickled_step_module_needs_trust(tmp_path):
+@pytest.mark.slow
+def test_pickled_step_module_needs_trust(cli, tmp_path):
     model = zoo.ElmanRNN()
     path = tmp_path / "elman.pt"
     torch.save(model, path)
     out = tmp_path / "e.onnx"
-    line = one_error_line(run("export", path, "-o", out, "--input-shape", "batch,10"), 2)
+    line = cli.one_error_line(cli("export", path, "-o", out, "--input-shape", "batch,10"), 2)
     assert "--trust-pickle" in line
-    result = run("export", path, "-o", out, "--input-shape", "batch,10", "--trust-pickle")
+    result = cli("export", path, "-o", out, "--input-shape", "batch,10", "--trust-pickle")
     assert result.exit_code == 0, result.output
     names = [s["input"] for s in ortref.contract(out)["states"]]
     assert names == ["state"]
 
 
-def test_inspect_shows_lifted_state_pairs(tmp_path):
+@pytest.mark.slow
+def test_inspect_shows_lifted_state_pairs(cli, tmp_path):
     model = zoo.Tagger(vocab=40)
     ckpt = save_checkpoint(tmp_path, model, key="state_dict")
     out = tmp_path / "tagger.onnx"
-    assert run("export", ckpt, "-o", out, "--arch", f"{ZOO}:Tagger", "--arch-kwargs", '{"vocab": 40}',
+    assert cli("export", ckpt, "-o", out, "--arch", f"{ZOO}:Tagger", "--arch-kwargs", '{"vocab": 40}',
                "--input-shape", "batch,time", "--input-dtype", "int64").exit_code == 0
-    table = run("inspect", out).stdout
+    table = cli("inspect", out).stdout
     for text in ("int64", "(batch, time)", "-> lstm.hn", "-> lstm.cn"):
         assert text in table, table
 
 
-def test_sequence_mode_for_a_whole_sequence_head(tmp_path):
+@pytest.mark.slow
+def test_sequence_mode_for_a_whole_sequence_head(cli, tmp_path):
     ckpt = save_checkpoint(tmp_path, zoo.MeanPool())
     args = ["export", ckpt, "-o", tmp_path / "mp.onnx", "--arch", f"{ZOO}:MeanPool",
             "--input-shape", "batch,time,6"]
-    line = one_error_line(run(*args), 1)
+    line = cli.one_error_line(cli(*args), 1)
     assert "cannot stream" in line and "--mode sequence" in line
     assert not (tmp_path / "mp.onnx").exists()
-    result = run(*args, "--mode", "sequence")
+    result = cli(*args, "--mode", "sequence")
     assert result.exit_code == 0 and "sequence mode" in result.stdout
 
 
@@ -110,12 +101,12 @@ def test_sequence_mode_for_a_whole_sequence_head(tmp_path):
     (zoo.PythonLoop, "batch,time,6", 1, "loop over time"),
     (zoo.Tagger, "batch,time,3", 2, "input"),
 ])
-def test_models_that_cannot_export_say_why(tmp_path, cls, shape, code, pattern):
+def test_models_that_cannot_export_say_why(cli, tmp_path, cls, shape, code, pattern):
     ckpt = save_checkpoint(tmp_path, cls())
     out = tmp_path / "x.onnx"
     dtype = "int64" if cls is zoo.Tagger else "float32"
-    line = one_error_line(run("export", ckpt, "-o", out, "--arch", f"{ZOO}:{cls.__name__}",
-                              "--input-shape", shape, "--input-dtype", dtype), code)
+    line = cli.one_error_line(cli("export", ckpt, "-o", out, "--arch", f"{ZOO}:{cls.__name__}",
+                                  "--input-shape", shape, "--input-dtype", dtype), code)
     assert re.search(pattern, line, re.IGNORECASE), line
     assert "Traceback" not in line
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [ckpt.name]

@@ -1,4 +1,4 @@
-"""``rnnedge verify``, ``rnnedge bench`` and ``rnnedge demo`` through the CLI (CliRunner)."""
+"""``rnnedge verify``, ``rnnedge bench`` and ``rnnedge demo`` through the CLI (the ``cli`` fixture)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ import sys
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 import rnnedge
 from rnnedge.bench import ENGINES, weight_bytes
-from rnnedge.cli import main
 
 LSTM_KWARGS = {"input_size": 4, "hidden_size": 6, "num_layers": 2, "batch_first": True}
 ARCH = ["--arch", "torch.nn:LSTM", "--arch-kwargs", json.dumps(LSTM_KWARGS)]
 ROW_KEYS = {"engine", "batch", "chunk", "p50_us_per_step", "p90_us_per_step", "p99_us_per_step",
             "steps_per_s", "floor_us_per_step"}
 FAST = ["--steps", "20", "--max-time", "0.02"]  # a handful of calls: the schema, not the figures
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +33,18 @@ def lstm(tmp_path_factory):
 
 # --- verify -----------------------------------------------------------------------------------
 
-def test_verify_passes_and_prints_every_tensor(lstm):
+def test_verify_passes_and_prints_every_tensor(cli, lstm):
     graph, weights = lstm
-    result = invoke("verify", graph, "--against", weights, *ARCH)
+    result = cli("verify", graph, "--against", weights, *ARCH)
     assert result.exit_code == 0, result.output
     assert "verified" in result.stdout
     for name in ("output", "hn", "cn", "full B=3 T=53", "stream B=1 T=53 chunks=1"):
         assert name in result.stdout
 
 
-def test_verify_json(lstm):
+def test_verify_json(cli, lstm):
     graph, weights = lstm
-    result = invoke("verify", graph, "--against", weights, *ARCH, "--input-shape", "batch,time,4", "--json")
+    result = cli("verify", graph, "--against", weights, *ARCH, "--input-shape", "batch,time,4", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] is True
@@ -60,74 +54,74 @@ def test_verify_json(lstm):
     assert len(report["cases"]) >= 10 and all(c["passed"] for c in report["cases"])
 
 
-def test_verify_other_weights_fails_naming_the_misses(lstm, tmp_path):
+def test_verify_other_weights_fails_naming_the_misses(cli, lstm, tmp_path):
     graph, _ = lstm
     torch.manual_seed(1)
     torch.save(nn.LSTM(**LSTM_KWARGS).state_dict(), tmp_path / "other.pt")
-    result = invoke("verify", graph, "--against", tmp_path / "other.pt", *ARCH)
+    result = cli("verify", graph, "--against", tmp_path / "other.pt", *ARCH)
     assert result.exit_code == 1
     assert "MISS" in result.stdout
     assert "parity failed" in result.stderr and "hn max abs" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
-    as_json = invoke("verify", graph, "--against", tmp_path / "other.pt", *ARCH, "--json")
+    as_json = cli("verify", graph, "--against", tmp_path / "other.pt", *ARCH, "--json")
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout)["passed"] is False
 
 
-def test_verify_loose_tolerance_passes_what_default_fails(lstm, tmp_path):
+def test_verify_loose_tolerance_passes_what_default_fails(cli, lstm, tmp_path):
     graph, _ = lstm
     torch.manual_seed(1)
     torch.save(nn.LSTM(**LSTM_KWARGS).state_dict(), tmp_path / "other.pt")
-    result = invoke("verify", graph, "--against", tmp_path / "other.pt", *ARCH, "--atol", "10")
+    result = cli("verify", graph, "--against", tmp_path / "other.pt", *ARCH, "--atol", "10")
     assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("kwargs", [{"hidden_size": 5}, {"input_size": 3}, {"num_layers": 1}])
-def test_verify_against_a_model_of_another_shape_is_a_clear_error(lstm, tmp_path, kwargs):
+def test_verify_against_a_model_of_another_shape_is_a_clear_error(cli, lstm, tmp_path, kwargs):
     graph, _ = lstm
     other = {**LSTM_KWARGS, **kwargs}
     torch.save(nn.LSTM(**other).state_dict(), tmp_path / "other.pt")
-    result = invoke("verify", graph, "--against", tmp_path / "other.pt",
+    result = cli("verify", graph, "--against", tmp_path / "other.pt",
                     "--arch", "torch.nn:LSTM", "--arch-kwargs", json.dumps(other))
     assert result.exit_code == 1
     assert "was not exported from this model" in result.stderr
     assert "Traceback" not in result.output
 
 
-def test_verify_graph_without_metadata(tmp_path, lstm):
+def test_verify_graph_without_metadata(cli, tmp_path, lstm):
     _, weights = lstm
     proto = onnx.load(str(lstm[0]))
     del proto.metadata_props[:]
     onnx.save(proto, str(tmp_path / "bare.onnx"))
-    result = invoke("verify", tmp_path / "bare.onnx", "--against", weights, *ARCH)
+    result = cli("verify", tmp_path / "bare.onnx", "--against", weights, *ARCH)
     assert result.exit_code == 1
     assert "no rnnedge metadata" in result.stderr
 
 
-def test_verify_int8_graph_uses_its_precision_gate(lstm, tmp_path):
+def test_verify_int8_graph_uses_its_precision_gate(cli, lstm, tmp_path):
     _, weights = lstm
     torch.manual_seed(0)
     rnnedge.export(nn.LSTM(**LSTM_KWARGS), tmp_path / "q.onnx", example_input=torch.randn(2, 5, 4),
                    precision="int8")
-    result = invoke("verify", tmp_path / "q.onnx", "--against", weights, *ARCH, "--json")
+    result = cli("verify", tmp_path / "q.onnx", "--against", weights, *ARCH, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["precision"] == "int8" and report["atol"] > 1e-5  # not float32's tolerance
     assert any(c["name"].startswith("teacher-forced") for c in report["cases"])
 
 
-def test_verify_needs_against(lstm):
-    result = invoke("verify", lstm[0])
+def test_verify_needs_against(cli, lstm):
+    result = cli("verify", lstm[0])
     assert result.exit_code == 2
 
 
 # --- bench ------------------------------------------------------------------------------------
 
-def test_bench_json_schema_with_eager(lstm, tmp_path):
+def test_bench_json_schema_with_eager(cli, lstm, tmp_path):
     graph, weights = lstm
     out = tmp_path / "bench.json"
-    result = invoke("bench", graph, "--against", weights, *ARCH, "--batch", "1,2", "--chunk", "1,4",
+    result = cli("bench", graph, "--against", weights, *ARCH, "--batch", "1,2", "--chunk", "1,4",
                     *FAST, "--json", out)
     assert result.exit_code == 0, result.output
     assert "floor" in result.stdout and "mkldnn" in result.stdout
@@ -144,21 +138,21 @@ def test_bench_json_schema_with_eager(lstm, tmp_path):
         assert row["steps_per_s"] > 0
 
 
-def test_bench_without_model_runs_the_graph_engines_only(lstm, tmp_path):
+def test_bench_without_model_runs_the_graph_engines_only(cli, lstm, tmp_path):
     out = tmp_path / "bench.json"
-    result = invoke("bench", lstm[0], "--chunk", "2", *FAST, "--json", out)
+    result = cli("bench", lstm[0], "--chunk", "2", *FAST, "--json", out)
     assert result.exit_code == 0, result.output
     engines = {r["engine"] for r in json.loads(out.read_text())["results"]}
     assert engines == {"rnnedge", "onnxruntime"}
 
 
-def test_bench_step_graph_ignores_chunk(tmp_path):
+def test_bench_step_graph_ignores_chunk(cli, tmp_path):
     torch.manual_seed(0)
     cell = nn.GRUCell(3, 5)
     torch.save(cell.state_dict(), tmp_path / "cell.pt")
     rnnedge.export(cell, tmp_path / "cell.onnx", example_input=torch.randn(2, 3))
     out = tmp_path / "bench.json"
-    result = invoke("bench", tmp_path / "cell.onnx", "--against", tmp_path / "cell.pt", "--arch",
+    result = cli("bench", tmp_path / "cell.onnx", "--against", tmp_path / "cell.pt", "--arch",
                     "torch.nn:GRUCell", "--arch-kwargs", '{"input_size": 3, "hidden_size": 5}',
                     "--chunk", "1,8", *FAST, "--json", out)
     assert result.exit_code == 0, result.output
@@ -166,17 +160,18 @@ def test_bench_step_graph_ignores_chunk(tmp_path):
     assert {r["chunk"] for r in rows} == {1} and len(rows) == len(ENGINES)
 
 
-def test_bench_plot_without_matplotlib_is_a_usage_error(lstm, monkeypatch, tmp_path):
+def test_bench_plot_without_matplotlib_is_a_usage_error(cli, lstm, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    result = invoke("bench", lstm[0], "--plot", tmp_path / "p.png", *FAST)
+    result = cli("bench", lstm[0], "--plot", tmp_path / "p.png", *FAST)
     assert result.exit_code == 2
     assert "rnnedge[plot]" in result.stderr
     assert "floor" not in result.stdout  # refused before measuring anything
 
 
-def test_bench_plot_with_matplotlib(lstm, tmp_path):
+@pytest.mark.slow
+def test_bench_plot_with_matplotlib(cli, lstm, tmp_path):
     import matplotlib  # noqa: F401 - part of the test extra: the plot is tested for real
-    result = invoke("bench", lstm[0], "--chunk", "1,4", *FAST, "--plot", tmp_path / "p.png")
+    result = cli("bench", lstm[0], "--chunk", "1,4", *FAST, "--plot", tmp_path / "p.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").stat().st_size > 0
 
@@ -187,8 +182,8 @@ def test_bench_plot_with_matplotlib(lstm, tmp_path):
     (["--engines", "eager"], "--against"),
     (["--engines", "turbo"], "unknown engine"),
 ])
-def test_bench_usage_errors(lstm, args, message):
-    result = invoke("bench", lstm[0], *args, *FAST)
+def test_bench_usage_errors(cli, lstm, args, message):
+    result = cli("bench", lstm[0], *args, *FAST)
     assert result.exit_code == 2
     assert message in result.stderr
 
@@ -201,9 +196,10 @@ def test_weight_bytes_are_the_float_weights(lstm):
 
 # --- demo -------------------------------------------------------------------------------------
 
-def test_demo_end_to_end(tmp_path):
+@pytest.mark.slow
+def test_demo_end_to_end(cli, tmp_path):
     out = tmp_path / "demo"
-    result = invoke("demo", "--out", out, "--quick", "--budget", "0.5")
+    result = cli("demo", "--out", out, "--quick", "--budget", "0.5")
     assert result.exit_code == 0, result.output
     for name in ("model.pt", "forecaster.onnx", "bench.json", "report.json"):
         assert (out / name).is_file(), name
@@ -215,7 +211,7 @@ def test_demo_end_to_end(tmp_path):
     assert {r["engine"] for r in report["bench"]["results"]} == set(ENGINES)
     # The printed commands work on what was written.
     against = report["files"]["model" if report["export"]["full_model"] else "core"]
-    again = invoke("verify", out / "forecaster.onnx", "--against", against, *_arch_args(report))
+    again = cli("verify", out / "forecaster.onnx", "--against", against, *_arch_args(report))
     assert again.exit_code == 0, again.output
 
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import rnnedge
-from rnnedge import recurrent as weights
 from tests import ortref
 
 # Tolerances per dtype for the tests' own, independent comparison.
@@ -192,36 +191,45 @@ def test_graph_structure_and_metadata(tmp_path, model, example, mode):
         assert s["shape"][s["batch_axis"]] == "batch" and s["init"] == "zeros"
 
 
-def test_broken_translation_fails_the_gate(tmp_path, monkeypatch):
-    # PyTorch's gate order fed to ONNX unchanged: the classic silent mistake.
-    monkeypatch.setitem(weights._GATE_ORDER, "LSTM", [0, 1, 2, 3])
-    path = tmp_path / "m.onnx"
-    with pytest.raises(rnnedge.ParityError) as info:
-        rnnedge.export(nn.LSTM(6, 12), path, example_input=torch.randn(5, 2, 6))
-    message = str(info.value)
-    assert "full B=1 T=1" in message and "output max_abs=" in message and "hn" in message
-    assert info.value.failures and all(not f.passed for f in info.value.failures)
-    assert not list(tmp_path.iterdir())  # no file, no temporary left behind
+def swap_lstm_gates(node, initializers):
+    """PyTorch's gate order (i, f, g, o) left in ONNX's slots (i, o, f, c): the classic silent
+    mistake. W, R: (1, 4*hidden, in); B: (1, 8*hidden), the W and R biases one after the other."""
+    from onnx import numpy_helper
+
+    for name, order in zip(node.input[1:4], ([0, 2, 3, 1], [0, 2, 3, 1], [0, 2, 3, 1, 4, 6, 7, 5])):
+        blocks = np.split(numpy_helper.to_array(initializers[name]), len(order), axis=1)
+        swapped = np.concatenate([blocks[i] for i in order], axis=1)
+        initializers[name].CopyFrom(numpy_helper.from_array(swapped, name))
 
 
-def test_broken_gru_reset_placement_fails_the_gate(tmp_path, monkeypatch):
-    from rnnedge.graphs import emit
+def drop_linear_before_reset(node, initializers):
+    """GRU's reset gate applied before the recurrent product (ONNX's default), not after as in PyTorch."""
+    for attr in list(node.attribute):
+        if attr.name == "linear_before_reset":
+            node.attribute.remove(attr)
 
-    real = emit._fused_node
 
-    def without_linear_before_reset(g, kind, *args):
-        node_count = len(g.nodes)
-        out = real(g, kind, *args)
-        for node in g.nodes[node_count:]:
-            for attr in list(node.attribute):
-                if attr.name == "linear_before_reset":
-                    node.attribute.remove(attr)
-        return out
+@pytest.mark.parametrize("model,op,break_graph", [
+    (lambda: nn.LSTM(6, 12), "LSTM", swap_lstm_gates),
+    (lambda: nn.GRU(6, 12), "GRU", drop_linear_before_reset),
+], ids=["lstm-gate-order", "gru-reset-placement"])
+def test_broken_translation_fails_the_gate(cli, tmp_path, model, op, break_graph):
+    # A correct export, then the written file broken the way a wrong translation would be:
+    # `rnnedge verify` (the gate on the file's own bytes) must name the misses and exit 1.
+    torch.manual_seed(0)
+    module = model()
+    graph, weights_file = tmp_path / "m.onnx", tmp_path / "m.pt"
+    rnnedge.export(module, graph, example_input=torch.randn(5, 2, 6))
+    torch.save(module, weights_file)
+    verify = ["verify", graph, "--against", weights_file, "--trust-pickle"]
+    assert cli(*verify).exit_code == 0
 
-    monkeypatch.setattr(emit, "_fused_node", without_linear_before_reset)
-    with pytest.raises(rnnedge.ParityError):
-        rnnedge.export(nn.GRU(6, 12), tmp_path / "m.onnx", example_input=torch.randn(5, 2, 6))
-    assert not list(tmp_path.iterdir())
+    proto = onnx.load(str(graph))
+    node = next(n for n in proto.graph.node if n.op_type == op)
+    break_graph(node, {t.name: t for t in proto.graph.initializer})
+    onnx.save(proto, str(graph))
+    line = cli.one_error_line(cli(*verify), 1)
+    assert line.startswith("error: parity failed") and "output max abs" in line and "hn max abs" in line
 
 
 def test_tolerance_override_is_honoured(tmp_path):
@@ -249,6 +257,70 @@ def test_bad_arguments_are_usage_errors(tmp_path, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         rnnedge.export(nn.LSTM(6, 12), tmp_path / "m.onnx", **kwargs)
     assert not list(tmp_path.iterdir())
+
+
+# An option that cannot work is refused before any work: the progress display never
+# hears of planning, the model is not traced, nothing is written.
+BAD_OPTIONS = [
+    (dict(precision="int4"), "precision must be one of"),
+    (dict(mode="chunky"), "mode must be one of"),
+    (dict(opset=9), "opset must be"),
+    (dict(rtol=float("nan")), "rtol must be a"),
+    (dict(mode="sequence", triton_repo="repo"), "needs mode='stream'"),
+    (dict(triton_name="m"), "triton_name needs triton_repo"),
+    (dict(triton_repo="repo", triton_name="no/slash"), "Triton model name"),
+    (dict(triton_repo="."), "would land in or on the Triton repository"),
+    (dict(path="missing/m.onnx"), "expected an existing folder"),
+    (dict(path="."), "it is a folder"),
+]
+
+
+@pytest.mark.parametrize("options,pattern", BAD_OPTIONS)
+def test_bad_options_fail_before_any_work(tmp_path, monkeypatch, options, pattern):
+    monkeypatch.chdir(tmp_path)
+    heard = []
+    options = dict(options)
+    path = options.pop("path", "m.onnx")
+    with pytest.raises(rnnedge.UsageError, match=pattern):
+        rnnedge.export(nn.GRU(6, 12), path, example_input=torch.randn(5, 2, 6),
+                       progress=heard.append, **options)
+    assert heard == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_good_export_reports_its_stages_in_order(tmp_path):
+    heard = []
+    rnnedge.export(nn.GRU(6, 12), tmp_path / "m.onnx", example_input=torch.randn(5, 2, 6),
+                   progress=heard.append)
+    stages = [text for text in heard if not text.startswith("parity gate: ")]
+    assert [s.split(" ")[0] for s in stages] == ["planning", "checking"]
+    assert heard.index(stages[1]) < len(heard) - 1  # the gate's cases come after the check
+
+
+def test_export_options_are_frozen_and_normalised():
+    import dataclasses
+
+    from rnnedge.exporters import ExportOptions
+    from rnnedge.graphs.opset import DEFAULT_OPSET
+
+    options = ExportOptions(precision="INT8")
+    assert (options.precision, options.opset, options.mode) == ("int8", DEFAULT_OPSET, "stream")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.mode = "sequence"
+    with pytest.raises(rnnedge.UsageError, match="precision must be one of"):
+        ExportOptions(precision="int4")
+
+
+def test_inference_mode_restores_every_modules_own_flag():
+    from rnnedge.exporters.inference import inference_mode
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 2))
+    model.train()
+    model[2].eval()  # frozen on purpose
+    with pytest.raises(RuntimeError), inference_mode(model):
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("the export failed")
+    assert [m.training for m in model.modules()] == [True, True, True, False]
 
 
 def test_cells_have_no_sequence_mode(tmp_path):

@@ -8,13 +8,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from rnnedge.cli import main
 from rnnedge.errors import ModelLoadError
-from rnnedge.loaders.model_file import load_model
-from rnnedge.loaders.pt2 import ProgramStep
+from rnnedge.loaders import ProgramStep, load_model
 from tests import ortref
 
 T, B, CHUNKS = 11, 3, (4, 1, 6)
@@ -87,10 +84,10 @@ def save_program(tmp_path, model, *args, name="prog"):
     return path
 
 
-def export(path, shape, *extra):
+def export(cli, path, shape, *extra):
     out = path.with_suffix(".onnx")
-    result = CliRunner().invoke(main, ["export", str(path), "-o", str(out), "--input-shape",
-                                       shape, *extra], catch_exceptions=False)
+    result = cli("export", str(path), "-o", str(out), "--input-shape",
+                 shape, *extra)
     assert result.exit_code == 0, result.output
     return out, ortref.contract(out), ortref.session(out)
 
@@ -101,13 +98,14 @@ def close(got, want):
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
 
 
-def test_tagger_streams_like_eager(tmp_path):
+@pytest.mark.slow
+def test_tagger_streams_like_eager(cli, tmp_path):
     torch.manual_seed(1)
     model = Tagger()
     path = save_program(tmp_path, model, torch.randint(0, 40, (2, 5)))
     loaded = load_model(path)
     assert isinstance(loaded.lstm, nn.LSTM) and isinstance(loaded.emb, nn.Embedding)
-    _, meta, sess = export(path, "batch,time", "--input-dtype", "int64")
+    _, meta, sess = export(cli, path, "batch,time", "--input-dtype", "int64")
     assert [s["input"] for s in meta["states"]] == ["lstm.h0", "lstm.c0"]
     x = torch.randint(0, 40, (B, T))
     got, _ = ortref.stream(sess, meta, {"input": x.numpy()}, ortref.zero_states(meta, B), CHUNKS)
@@ -115,11 +113,12 @@ def test_tagger_streams_like_eager(tmp_path):
         close(got["output"], model(x))
 
 
-def test_time_major_gru_forecaster_streams_like_eager(tmp_path):
+@pytest.mark.slow
+def test_time_major_gru_forecaster_streams_like_eager(cli, tmp_path):
     torch.manual_seed(2)
     model = Forecaster()
     path = save_program(tmp_path, model, torch.randn(5, 2, 3))
-    _, meta, sess = export(path, "time,batch,3")
+    _, meta, sess = export(cli, path, "time,batch,3")
     assert meta["time_axis"] == 0 and meta["states"][0]["shape"][0] == 2
     x = torch.randn(T, B, 3)
     got, states = ortref.stream(sess, meta, {"input": x.numpy()}, ortref.zero_states(meta, B), CHUNKS)
@@ -128,11 +127,12 @@ def test_time_major_gru_forecaster_streams_like_eager(tmp_path):
         close(states["gru.h0"], model.gru(x)[1])
 
 
-def test_bidirectional_proj_lstm_in_sequence_mode(tmp_path):
+@pytest.mark.slow
+def test_bidirectional_proj_lstm_in_sequence_mode(cli, tmp_path):
     torch.manual_seed(3)
     model = Encoder()
     path = save_program(tmp_path, model, torch.randn(2, 5, 6))
-    _, meta, sess = export(path, "batch,time,6", "--mode", "sequence")
+    _, meta, sess = export(cli, path, "batch,time,6", "--mode", "sequence")
     states = {s["input"]: s["shape"] for s in meta["states"]}
     assert states == {"enc.lstm.h0": [4, "batch", 4], "enc.lstm.c0": [4, "batch", 10]}
     x = torch.randn(B, T, 6)
@@ -143,21 +143,22 @@ def test_bidirectional_proj_lstm_in_sequence_mode(tmp_path):
     close(outs["output.1"], h)
 
 
-def test_bidirectional_program_refuses_stream_mode(tmp_path):
+def test_bidirectional_program_refuses_stream_mode(cli, tmp_path):
     path = save_program(tmp_path, Encoder(), torch.randn(2, 5, 6))
-    result = CliRunner().invoke(main, ["export", str(path), "-o", str(tmp_path / "o.onnx"),
-                                       "--input-shape", "batch,time,6"])
+    result = cli("export", str(path), "-o", str(tmp_path / "o.onnx"),
+                 "--input-shape", "batch,time,6")
     assert result.exit_code == 1 and "bidirectional" in result.stderr and "--mode sequence" in result.stderr
 
 
-def test_step_protocol_cell_program_steps_like_eager(tmp_path):
+@pytest.mark.slow
+def test_step_protocol_cell_program_steps_like_eager(cli, tmp_path):
     torch.manual_seed(4)
     model = CellStep()
     path = save_program(tmp_path, model, torch.randn(2, 5), (torch.zeros(2, 7), torch.zeros(2, 7)))
     loaded = load_model(path)
     assert isinstance(loaded, ProgramStep)
     assert [tuple(t.shape) for t in loaded.init_hidden(4)] == [(4, 7), (4, 7)]
-    _, meta, sess = export(path, "batch,5")
+    _, meta, sess = export(cli, path, "batch,5")
     assert meta["time_axis"] is None and [s["batch_axis"] for s in meta["states"]] == [0, 0]
     xs = torch.randn(T, B, 5)
     states = ortref.zero_states(meta, B)
@@ -171,12 +172,12 @@ def test_step_protocol_cell_program_steps_like_eager(tmp_path):
     close(states["state.1"], state[1])
 
 
-def test_program_without_recurrent_layer_is_refused(tmp_path):
+def test_program_without_recurrent_layer_is_refused(cli, tmp_path):
     path = save_program(tmp_path, Dense(), torch.randn(2, 5, 4))
     with pytest.raises(ModelLoadError, match="no nn.RNN/LSTM/GRU.*--arch"):
         load_model(path)
-    result = CliRunner().invoke(main, ["export", str(path), "-o", str(tmp_path / "o.onnx"),
-                                       "--input-shape", "batch,time,4"])
+    result = cli("export", str(path), "-o", str(tmp_path / "o.onnx"),
+                 "--input-shape", "batch,time,4")
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
 
@@ -203,12 +204,13 @@ class DropoutStack(nn.Module):
         return self.out(self.lstm(self.inp(x))[0])
 
 
-def test_program_with_dropout_between_layers(tmp_path):
+@pytest.mark.slow
+def test_program_with_dropout_between_layers(cli, tmp_path):
     torch.manual_seed(4)
     model = DropoutStack()
     path = save_program(tmp_path, model, torch.randn(2, 5, 4))
     assert not load_model(path).lstm.training  # rebuilt for inference, dropout off
-    _, meta, sess = export(path, "batch,time,4")
+    _, meta, sess = export(cli, path, "batch,time,4")
     x = torch.randn(B, T, 4)
     got, _ = ortref.stream(sess, meta, {"input": x.numpy()}, ortref.zero_states(meta, B), CHUNKS)
     with torch.no_grad():
@@ -220,12 +222,12 @@ def test_program_with_dropout_between_layers(tmp_path):
     (nn.GRUCell(4, 6), lambda: torch.randn(3, 6)),
     (nn.LSTMCell(4, 6), lambda: (torch.randn(3, 6), torch.randn(3, 6))),
 ])
-def test_bare_cell_program_called_with_its_state(tmp_path, cell, state):
+def test_bare_cell_program_called_with_its_state(cli, tmp_path, cell, state):
     torch.manual_seed(5)
     path = save_program(tmp_path, cell, torch.randn(3, 4), state())
     loaded = load_model(path)
     assert type(loaded) is type(cell)
-    _, meta, sess = export(path, "batch,4")
+    _, meta, sess = export(cli, path, "batch,4")
     assert meta["time_axis"] is None and meta["states"][0]["input"] == "h0"
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
     states = ortref.zero_states(meta, 2)

@@ -13,18 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from onnx import helper, numpy_helper
 from torch import nn
 
 import rnnedge
-from rnnedge.cli import main
+from rnnedge import gate, precision
 from rnnedge.errors import ParityError, UnsupportedModelError, UsageError
 from rnnedge.exporters.api import make_plan
-from rnnedge.gate import parity
-from rnnedge.gate.tolerance import TOLERANCES
 from rnnedge.graphs.unfuse import unfuse
-from rnnedge.precision import core as precision
 from tests import ortref
 
 torch.set_num_threads(1)  # tiny models: threads only add noise and contention
@@ -113,7 +109,7 @@ def test_int8_export_keeps_contract_and_streams(tmp_path, kind):
     for key in ("mode", "inputs", "outputs", "states", "time_axis", "opset"):
         assert meta[key] == want[key], key
     assert meta["parity"]["precision"] == "int8" and meta["parity"]["device"] == "cpu"
-    assert (meta["parity"]["atol"], meta["parity"]["rtol"]) == TOLERANCES["int8"]
+    assert (meta["parity"]["atol"], meta["parity"]["rtol"]) == gate.TOLERANCES["int8"]
     assert report.precision == "int8"
     # Graph inputs/outputs exactly the float32 graph's: names, dtypes, symbolic axes.
     graph = onnx.load(path)
@@ -180,8 +176,8 @@ def test_unfused_float32_is_exact(kind, mode, lengths):
     graph = unfuse(plan.graph)
     onnx.checker.check_model(graph, full_check=True)
     assert not {"GRU", "RNN"} & set(all_ops(graph))
-    results = parity.run_gate(plan, graph.SerializeToString(), *TOLERANCES["float32"])
-    assert results and all(r.passed for r in results), [r for r in results if not r.passed]
+    result = gate.run_gate(plan, graph.SerializeToString(), gate.policy_for("fp32"))
+    assert result.cases and result.passed, result.failed
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -261,13 +257,12 @@ def test_int8_gate_catches_broken_graphs(kind, how):
     graph.CopyFrom(plan.graph)
     break_graph(graph, kind, how, 16)
     data = precision.to_int8(graph).SerializeToString()
-    atol, rtol = TOLERANCES["int8"]
-    results = precision.run_gate(plan, data, "int8", atol, rtol)
+    result = gate.run_gate(plan, data, gate.policy_for("int8"))
     if how == "none":
-        precision.raise_on_failure(results, "int8", atol, rtol)  # the control passes
+        gate.raise_on_failure(result)  # the control passes
         return
     with pytest.raises(ParityError, match="int8 parity gate failed"):
-        precision.raise_on_failure(results, "int8", atol, rtol)
+        gate.raise_on_failure(result)
 
 
 # ---------------------------------------------------------------------------
@@ -333,13 +328,13 @@ def test_unknown_precision_is_a_usage_error(tmp_path, bad):
 # ---------------------------------------------------------------------------
 
 
-def test_cli_quantize_int8(tmp_path):
+def test_cli_quantize_int8(cli, tmp_path):
     torch.manual_seed(0)
     torch.save(nn.GRU(6, 10, batch_first=True), tmp_path / "m.pt")
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "-o", str(out),
-                                       "--input-shape", "batch,time,6", "--trust-pickle",
-                                       "--quantize", "int8"])
+    result = cli("export", str(tmp_path / "m.pt"), "-o", str(out),
+                 "--input-shape", "batch,time,6", "--trust-pickle",
+                 "--quantize", "int8")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out} (int8, ") and "x the fp32 graph" in result.stdout
     assert "atol 0.05, rtol 0.05" in result.stdout
@@ -351,11 +346,11 @@ def test_cli_quantize_int8(tmp_path):
     (["--precision", "int8"], "Invalid value for '--precision'"),
     (["--quantize", "int4"], "Invalid value for '--quantize'"),
 ])
-def test_cli_bad_precision_is_one_line_exit_2(tmp_path, args, pattern):
+def test_cli_bad_precision_is_one_line_exit_2(cli, tmp_path, args, pattern):
     torch.save(nn.GRU(6, 10, batch_first=True), tmp_path / "m.pt")
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "-o", str(out),
-                                       "--input-shape", "batch,time,6", "--trust-pickle", *args])
+    result = cli("export", str(tmp_path / "m.pt"), "-o", str(out),
+                 "--input-shape", "batch,time,6", "--trust-pickle", *args)
     assert result.exit_code == 2, result.output
     assert pattern in result.stderr and "Traceback" not in result.output
     if "combined" in pattern:
@@ -430,6 +425,7 @@ def export_both(model, x, tmp_path):
     return paths
 
 
+@pytest.mark.slow
 def test_int8_forecaster_test_error(tmp_path, capsys):
     """A tiny LSTM forecaster trained on sines: int8 barely moves its test error."""
     torch.manual_seed(0)
@@ -448,6 +444,7 @@ def test_int8_forecaster_test_error(tmp_path, capsys):
     assert mse["int8"] <= 1.1 * mse["fp32"]
 
 
+@pytest.mark.slow
 def test_int8_classifier_top1_agreement(tmp_path, capsys):
     """A tiny GRU classifier: int8 and fp32 pick the same class for >= 99% of sequences."""
     torch.manual_seed(0)

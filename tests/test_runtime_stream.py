@@ -36,7 +36,7 @@ def sequence(rng, batch, length, features, batch_first):
 def raw_session(model, feeds: dict):
     """The graph run directly by onnxruntime from a zero state: the independent reference."""
     batch_of = next(iter(feeds.values())).shape[model.contract.inputs[0].batch_axis]
-    zeros = {s.input: np.zeros(s.shape_for(batch_of), s.dtype) for s in model.contract.states}
+    zeros = {s.input: s.zeros(batch_of) for s in model.contract.states}
     names = model.output_names + [s.output for s in model.contract.states]
     got = model.session.run(names, {**feeds, **zeros})
     return got[0], dict(zip(model.state_names, got[len(model.output_names):]))

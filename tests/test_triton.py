@@ -9,15 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from google.protobuf import text_format
 from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 import rnnedge
-from rnnedge.cli import main
+from rnnedge import triton
 from rnnedge.errors import UsageError
-from rnnedge.triton import repository as triton
 from tests import ortref
 
 torch.set_num_threads(1)
@@ -217,7 +215,7 @@ def test_existing_model_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(repo), "write_text", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(UsageError, match="No space left on device"):  # one line, exit 2
         rnnedge.export(model, tmp_path / "m.onnx", example_input=example(model), triton_repo=repo)
     monkeypatch.undo()
     # The old model untouched, no temporary folder left, the graph file not written either.
@@ -230,23 +228,20 @@ def test_existing_model_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     assert parse_config(repo / "m").name == "m"
 
 
-def test_repository_rolls_back_when_the_graph_file_cannot_be_written(tmp_path, monkeypatch):
-    from rnnedge.exporters import api
-
+def test_repository_rolls_back_when_the_graph_file_cannot_be_written(tmp_path):
     model = make("gru-tm")
     repo = tmp_path / "repo"
     (repo / "m" / "1").mkdir(parents=True)
     (repo / "m" / "config.pbtxt").write_text("old")
-
-    def full_disk(path, data):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(api, "write_bytes_atomic", full_disk)
-    with pytest.raises(OSError):
-        rnnedge.export(model, tmp_path / "m.onnx", example_input=example(model), triton_repo=repo)
+    # A legal file name of 255 characters: its temporary sibling's longer name cannot be
+    # created, so the graph write fails after the repository is staged.
+    graph = tmp_path / ("g" * 250 + ".onnx")
+    with pytest.raises(UsageError, match="cannot write"):
+        rnnedge.export(model, graph, example_input=example(model), triton_repo=repo,
+                       triton_name="m")
     # Both or neither: the previous model is back, whole, and no temporary folder is left.
     assert (repo / "m" / "config.pbtxt").read_text() == "old"
-    assert sorted(os.listdir(repo)) == ["m"] and not (tmp_path / "m.onnx").exists()
+    assert sorted(os.listdir(repo)) == ["m"] and sorted(os.listdir(tmp_path)) == ["repo"]
 
 
 def test_output_that_is_a_folder_is_refused_before_any_work(tmp_path):
@@ -274,13 +269,13 @@ def test_written_files_are_readable_by_others(tmp_path):
         os.umask(old)
 
 
-def test_cli_writes_repository(tmp_path):
+def test_cli_writes_repository(cli, tmp_path):
     torch.manual_seed(0)
     torch.save(nn.LSTM(6, 10, num_layers=2, batch_first=True), tmp_path / "m.pt")
     out = tmp_path / "lstm.onnx"
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "-o", str(out),
-                                       "--input-shape", "batch,time,6", "--trust-pickle",
-                                       "--triton-repo", str(tmp_path / "repo")])
+    result = cli("export", str(tmp_path / "m.pt"), "-o", str(out),
+                 "--input-shape", "batch,time,6", "--trust-pickle",
+                 "--triton-repo", str(tmp_path / "repo"))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"wrote {out} (") and "parity 12 cases passed" in lines[0]
@@ -289,12 +284,12 @@ def test_cli_writes_repository(tmp_path):
     assert parse_config(tmp_path / "repo" / "lstm").name == "lstm"
 
 
-def test_cli_bad_name_is_one_line_exit_2(tmp_path):
+def test_cli_bad_name_is_one_line_exit_2(cli, tmp_path):
     torch.save(nn.GRU(6, 10), tmp_path / "m.pt")
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "m.pt"), "-o",
-                                       str(tmp_path / "g.onnx"), "--input-shape", "time,batch,6",
-                                       "--trust-pickle", "--triton-repo", str(tmp_path / "repo"),
-                                       "--triton-name", "../escape"])
+    result = cli("export", str(tmp_path / "m.pt"), "-o",
+                 str(tmp_path / "g.onnx"), "--input-shape", "time,batch,6",
+                 "--trust-pickle", "--triton-repo", str(tmp_path / "repo"),
+                 "--triton-name", "../escape")
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: Triton model name '../escape'")

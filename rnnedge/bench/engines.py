@@ -19,8 +19,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-import numpy as np
-
 ENGINES = ("rnnedge", "onnxruntime", "eager", "eager-no-mkldnn")
 EAGER = ("eager", "eager-no-mkldnn")
 
@@ -71,14 +69,13 @@ class OrtEngine(Engine):
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(graph.data, opts, providers=providers)
         self.device = device
-        self.states = graph.meta["states"]
-        self.names = [t["name"] for t in graph.meta["outputs"]] + [s["output"] for s in self.states]
-        self.n_out = len(graph.meta["outputs"])
+        self.spec = graph.contract
+        self.names = [t.name for t in self.spec.outputs] + [s.output for s in self.spec.states]
+        self.n_out = len(self.spec.outputs)
 
     def prepare(self, batch):
         session, names, n = self.session, self.names, self.n_out
-        state = {s["input"]: np.zeros([batch if i == s["batch_axis"] else d for i, d in enumerate(s["shape"])],
-                                      s["dtype"]) for s in self.states}
+        state = self.spec.zero_states(batch)
         keys = list(state)
 
         def call(feed):
@@ -95,14 +92,15 @@ class EagerEngine(Engine):
 
     def __init__(self, module, plan, mkldnn: bool, device: str = "cpu"):
         import torch
-        from torch import nn
+
+        from rnnedge.recurrent import CELLS, STACKS
 
         self.torch = torch
         self.module = module.eval()
         self.plan = plan
         self.mkldnn = mkldnn
         self.name = "eager" if mkldnn else "eager-no-mkldnn"
-        stacks, cells = (nn.RNN, nn.LSTM, nn.GRU), (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+        stacks, cells = STACKS, CELLS
         fast = isinstance(module, stacks + cells) and plan.lengths_input is None
         self.kind = "stack" if isinstance(module, stacks) else "cell" if isinstance(module, cells) else "reference"
         if not fast:
@@ -112,8 +110,7 @@ class EagerEngine(Engine):
             self.module = self.module.to(self.device)
 
     def _zeros(self, batch):
-        return {s.input: np.zeros([batch if i == s.batch_axis else d for i, d in enumerate(s.shape)], s.dtype)
-                for s in self.plan.spec.states}
+        return self.plan.spec.zero_states(batch)
 
     def convert(self, feed):
         if self.kind == "reference":

@@ -48,6 +48,11 @@ def plot(report: BenchReport, path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from rnnedge.files import atomic_path
+
+    try:  # atomically, like every file rnnedge writes: never half a PNG, never the graph
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path

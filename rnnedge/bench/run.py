@@ -22,10 +22,11 @@ from rnnedge.bench.engines import (
     torch_threads,
 )
 from rnnedge.bench.floor import measure_floor
-from rnnedge.bench.inputs import make_inputs
+from rnnedge.bench.inputs import _input_shape, make_inputs
 from rnnedge.bench.report import BenchReport
 from rnnedge.bench.timing import MIN_CALLS, ROUNDS, measure_interleaved, summarize
 from rnnedge.errors import UsageError
+from rnnedge.limits import MAX_STEPS, check_count, check_shape
 
 
 def machine_info(threads: int, device: str) -> dict:
@@ -102,6 +103,11 @@ def benchmark(graph_path, *, module=None, batches=(1,), chunks=(1,), steps: int 
         raise UsageError("the eager engines need the PyTorch model: pass --against MODEL")
     step_graph = graph.meta.get("time_axis") is None
     chunks = [1] if step_graph else list(chunks)
+    check_count("steps", steps, MAX_STEPS)
+    for b, c, t in ((b, c, t) for b in batches for c in chunks for t in graph.contract.data_inputs):
+        # Before any feed is made: --batch 10^12 is a usage error, not terabytes requested.
+        check_shape(f"a call's input at batch {b}, chunk {c}",
+                    _input_shape(t, b, c, graph.contract.time_axis))
 
     if module is not None and plan is None:
         if progress:  # total None: the bar runs without a count while the plan is built

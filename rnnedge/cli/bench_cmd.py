@@ -7,7 +7,7 @@ import threading
 
 import click
 
-from rnnedge.cli.common import handles_errors, model_options
+from rnnedge.cli.common import model_options
 
 
 @contextlib.contextmanager
@@ -107,7 +107,19 @@ def summary_lines(report) -> list[str]:
     return lines
 
 
-@click.command("bench")
+def check_outputs(graph_path, model_path, arch, json_path, plot_path) -> None:
+    """Before measuring: --json/--plot must be writable and replace none of the inputs."""
+    from rnnedge.cli.export_cmd import input_files
+    from rnnedge.files import check_destination
+
+    inputs = {"GRAPH": graph_path, **(input_files(model_path, arch) if model_path else {})}
+    if json_path:
+        check_destination(json_path, inputs, what="--json file")
+    if plot_path:
+        check_destination(plot_path, {**inputs, "--json": json_path}, what="--plot file")
+
+
+@click.command("bench", short_help="Measure per-step latency of a graph (and eager PyTorch).")
 @click.argument("graph_path", metavar="GRAPH", type=click.Path(dir_okay=False))
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help="Where the graph runs (eager follows onto CUDA when torch has it).")
@@ -130,7 +142,6 @@ def summary_lines(report) -> list[str]:
               help="Write the results as JSON to this file.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw latency per step vs chunk per engine to this PNG (needs rnnedge[plot]).")
-@handles_errors
 def command(graph_path, device, batch, chunk, steps, max_time, threads, engines, model_path, arch,
             arch_kwargs, trust_pickle, input_shape, input_dtype, json_path, plot_path):
     """Measure GRAPH's latency per step: the rnnedge stream, a plain onnxruntime loop, and
@@ -145,6 +156,7 @@ def command(graph_path, device, batch, chunk, steps, max_time, threads, engines,
 
     batches, chunks = parse_list(batch, "batch"), parse_list(chunk, "chunk")
     names = [e.strip() for e in engines.split(",") if e.strip()] if engines else None
+    check_outputs(graph_path, model_path, arch, json_path, plot_path)
     if plot_path:
         require_matplotlib()  # fail before minutes of measuring, not after
     if not model_path and (arch or input_shape):
@@ -153,7 +165,7 @@ def command(graph_path, device, batch, chunk, steps, max_time, threads, engines,
     with progress_bar() as update, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model_path:
-            from rnnedge.loaders.model_file import load_model, parse_input_shape
+            from rnnedge.loaders import load_model, parse_input_shape
 
             update(0, None, f"loading {model_path}")
             module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)

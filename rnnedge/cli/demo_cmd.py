@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from rnnedge.cli.common import handles_errors, progress_status
+from rnnedge.cli.common import progress_status
 
 
-@click.command("demo")
+@click.command("demo", short_help="Train, export, verify and benchmark a small forecaster.")
 @click.option("--out", "out", default="rnnedge-demo", show_default=True,
               type=click.Path(file_okay=False), help="Folder for the model, graph and reports.")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
@@ -18,7 +18,6 @@ from rnnedge.cli.common import handles_errors, progress_status
 @click.option("--hidden", type=click.IntRange(min=1), default=32, show_default=True,
               help="The recurrent layer's hidden size.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the data and training.")
-@handles_errors
 def command(out, budget, quick, cell, hidden, seed):
     """Train a small recurrent forecaster on a synthetic sensor series, export it, prove the
     graph equal to PyTorch, forecast through the runtime and measure it against eager.

@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from rnnedge.cli.common import (
-    handles_errors,
     human_size,
     load_with_example,
     model_options,
     progress_status,
 )
+from rnnedge.limits import check_tolerance
 
 
-@click.command("export")
+def input_files(model_path, arch) -> dict:
+    """{label: path} of the files a command reads: MODEL and an --arch path/to/file.py."""
+    inputs = {"MODEL": model_path}
+    where = (arch or "").rpartition(":")[0]
+    if where.endswith(".py"):
+        inputs["the --arch file"] = where
+    return inputs
+
+
+def check_paths(model_path, output, arch, triton_repo, triton_name) -> None:
+    """Before loading anything: no output may replace an input or land where it must not."""
+    from rnnedge.errors import UsageError
+    from rnnedge.files import check_destination, check_not_inputs, inside
+
+    inputs = input_files(model_path, arch)
+    check_destination(output, inputs)
+    # A graph over the external-data threshold also writes OUTPUT.data (rnnedge.graphs.external).
+    check_not_inputs(f"{output}.data", inputs, what="external data file")
+    if triton_repo is None:
+        return
+    if inside(output, triton_repo):
+        raise UsageError(
+            f"the graph file {output} would land in or on the Triton repository {triton_repo}; "
+            "write it outside the repository (the repository gets its own batch-first copy)"
+        )
+    folder = Path(triton_repo) / (triton_name or Path(output).stem)
+    for label, source in inputs.items():
+        if inside(source, folder):  # the model folder is replaced as a whole
+            raise UsageError(
+                f"refusing to write the Triton model folder {folder}: it holds {label} {source}, "
+                "which would be lost; choose another --triton-repo or --triton-name"
+            )
+
+
+@click.command("export", short_help="Export a model to a stateful ONNX graph, proven by the parity gate.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Where to write the ONNX graph.")
@@ -31,9 +67,16 @@ from rnnedge.cli.common import (
               help="Also write a Triton model repository: DIR/NAME/config.pbtxt and DIR/NAME/1/model.onnx.")
 @click.option("--triton-name", metavar="NAME", default=None,
               help="The Triton model name (default: the output file's stem).")
-@handles_errors
+@click.option("--triton-backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime",
+              show_default=True, help="onnxruntime: batch-first variant, implicit state (NVIDIA's "
+              "containers); python: the rnnedge runtime in Triton's Python backend (CPU hosts).")
+@click.option("--min-length", type=int, default=None, metavar="STEPS",
+              help="The fewest time steps the model takes: every probe and gate length is at least this.")
+@click.option("--max-length", type=int, default=None, metavar="STEPS",
+              help="The longest run the gate proves (default: 2000 whole in sequence mode, 1000 streamed in stream mode).")
 def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, input_dtype,
-            mode, opset, atol, rtol, quantize, precision, triton_repo, triton_name):
+            mode, opset, atol, rtol, quantize, precision, triton_repo, triton_name,
+            triton_backend, min_length, max_length):
     """Export MODEL to a stateful step-wise ONNX graph, proven equal to eager PyTorch."""
     from rnnedge.errors import UsageError
     from rnnedge.exporters import export
@@ -42,6 +85,13 @@ def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, in
         raise UsageError("--quantize int8 and --precision fp16 cannot be combined: int8 is for "
                          "CPUs, fp16 for GPUs; choose one")
     precision = quantize or precision or "fp32"
+    check_paths(model_path, output, arch, triton_repo, triton_name)
+    from rnnedge.gate.lengths import check_length_range
+
+    check_length_range(min_length, max_length)  # a usage error before loading anything
+    for label, value in (("--atol", atol), ("--rtol", rtol)):
+        if value is not None:
+            check_tolerance(label, value)
     with progress_status() as status:
         module, example, axes = load_with_example(
             model_path, arch, arch_kwargs, trust_pickle, input_shape, input_dtype, status)
@@ -49,7 +99,9 @@ def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, in
         report = export(module, output, example_input=example, mode=mode, opset=opset,
                         atol=atol, rtol=rtol, input_axes=[axes],
                         progress=status,
-                        precision=precision, triton_repo=triton_repo, triton_name=triton_name)
+                        precision=precision, triton_repo=triton_repo, triton_name=triton_name,
+                        min_length=min_length, max_length=max_length,
+                        triton_backend=triton_backend)
     parity = report.metadata["parity"]
     size = human_size(report.graph["bytes"])
     if report.precision != "fp32":
@@ -60,7 +112,13 @@ def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, in
         f"parity {parity['cases']} cases passed, max abs {parity['max_abs']:.2g}, "
         f"max rel {parity['max_rel']:.2g} (atol {report.atol:g}, rtol {report.rtol:g})"
     )
-    if report.triton is not None:
+    if report.triton is not None and triton_backend == "python":
+        click.echo(
+            f"wrote Triton model {report.triton.name!r} to {report.triton} (Python backend: the "
+            "graph above in the rnnedge runtime); serve it with rnnedge serve, or tritonserver "
+            f"--model-repository {report.triton.parent} where numpy<2, onnxruntime and rnnedge "
+            "are installed")
+    elif report.triton is not None:
         click.echo(
             f"wrote Triton model {report.triton.name!r} to {report.triton} (batch-first variant: "
             f"parity {len(report.triton_cases)} cases passed); serve it with "

@@ -7,7 +7,8 @@ import math
 
 import click
 
-from rnnedge.cli.common import handles_errors, model_options, progress_status
+from rnnedge.cli.common import model_options, progress_status
+from rnnedge.limits import check_tolerance
 
 DEVICES = click.Choice(["cpu", "cuda", "auto"])
 
@@ -33,7 +34,7 @@ def print_report(report, console=None) -> None:
         elif c.error:
             result = f"[red]FAILED to run: {c.error[:60]}[/red]"
         else:
-            result = "[red]MISS " + ", ".join(t for t, _, _ in c.misses) + "[/red]"
+            result = "[red]MISS " + ", ".join(t.name for t in c.misses) + "[/red]"
         cases.add_row(c.name, _fmt(c.max_abs), _fmt(c.max_rel), result)
     console.print(cases)
     tensors = Table(title="worst per tensor over all cases")
@@ -41,13 +42,13 @@ def print_report(report, console=None) -> None:
                          ("max rel", "right"), ("worst case", "left"), ("result", "left")):
         tensors.add_column(col, justify=justify)
     for t in report.tensors:
-        tensors.add_row(t["name"], t["role"], _fmt(t["max_abs"]), _fmt(t["max_rel"]),
-                        t["worst_case"] or "(bit-exact)",
-                        "[green]ok[/green]" if t["passed"] else "[red]MISS[/red]")
+        tensors.add_row(t.name, t.role, _fmt(t.max_abs), _fmt(t.max_rel),
+                        t.worst_case or "(bit-exact)",
+                        "[green]ok[/green]" if t.passed else "[red]MISS[/red]")
     console.print(tensors)
 
 
-@click.command("verify")
+@click.command("verify", short_help="Re-run the parity gate of a graph against its PyTorch model.")
 @click.argument("graph_path", metavar="GRAPH", type=click.Path(dir_okay=False))
 @click.option("--against", "model_path", metavar="MODEL", required=True, type=click.Path(dir_okay=False),
               help="The PyTorch model file the graph was exported from.")
@@ -57,9 +58,12 @@ def print_report(report, console=None) -> None:
 @click.option("--atol", type=float, default=None, help="Absolute tolerance (default from the graph's dtype; float32: 1e-5).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (float32 default: 1e-4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (exit status as without).")
-@handles_errors
+@click.option("--min-length", type=int, default=None, metavar="STEPS",
+              help="The fewest time steps the model takes: every probe and gate length is at least this.")
+@click.option("--max-length", type=int, default=None, metavar="STEPS",
+              help="The longest run the gate proves (default: 2000 whole in sequence mode, 1000 streamed in stream mode).")
 def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape, input_dtype,
-            device, atol, rtol, as_json):
+            device, atol, rtol, as_json, min_length, max_length):
     """Re-run the parity gate of GRAPH against MODEL and print the error per case and tensor.
 
     The plan (eager reference, seeded inputs) is rebuilt from MODEL; the gate runs on
@@ -68,8 +72,14 @@ def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape
     import warnings
 
     from rnnedge.exporters.verify import raise_on_failure, verify
-    from rnnedge.loaders.model_file import load_model, parse_input_shape
+    from rnnedge.loaders import load_model, parse_input_shape
 
+    for label, value in (("--atol", atol), ("--rtol", rtol)):  # before loading anything
+        if value is not None:
+            check_tolerance(label, value)
+    from rnnedge.gate.lengths import check_length_range
+
+    check_length_range(min_length, max_length)
     with progress_status(not as_json) as status, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status(f"loading {model_path}")
@@ -77,7 +87,8 @@ def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape
         axes = parse_input_shape(input_shape) if input_shape else None
         report = verify(graph_path, module, input_axes=axes, input_dtype=input_dtype if axes else None,
                         atol=atol, rtol=rtol, device=device, source=str(model_path),
-                        progress=lambda case: status(f"parity gate: {case}"))
+                        progress=lambda case: status(f"parity gate: {case}"),
+                        min_length=min_length, max_length=max_length)
     for w in caught:  # e.g. device=auto falling back to the CPU: one line, not a traceback
         if "rnnedge" in str(w.message):
             click.echo(f"note: {str(w.message).removeprefix('rnnedge: ')}", err=True)

@@ -1,6 +1,6 @@
 """The two forms a model is called in for export: flat tensors in, flat tensors out.
 
-A ``_Form`` wraps the model so that torch.onnx.export and the parity gate both see the
+A ``Form`` wraps the model so that torch.onnx.export and the parity gate both see the
 data inputs then the states going in, and the outputs then the states coming out, and
 says how to run it eagerly and under which tracing context.
 
@@ -35,12 +35,12 @@ from torch.utils import _pytree as pytree
 from rnnedge.contract import StateSpec
 from rnnedge.errors import ParityError, UnsupportedModelError
 from rnnedge.exporters import trace
-from rnnedge.exporters.inputs import Input, _resize
-from rnnedge.exporters.stepping import PROTOCOL, StepState, _split_step
+from rnnedge.exporters.inputs import Input, resize
+from rnnedge.exporters.stepping import PROTOCOL, StepState, split_step
 
 
 @dataclass
-class _Form:
+class Form:
     """How the model is called: flat torch tensors in, flat tensors out."""
 
     wrapper: nn.Module
@@ -63,7 +63,7 @@ class _StepWrapper(nn.Module):
 
     def forward(self, *flat):
         out = self.model(*flat[: self.n_inputs], self._state.build(flat[self.n_inputs:]))
-        ys, st = _split_step(out, "forward(x, state)")
+        ys, st = split_step(out, "forward(x, state)")
         return (*_tensor_leaves(ys, "forward's output"), *_tensor_leaves(st, "forward's state"))
 
 
@@ -96,7 +96,7 @@ def _tensor_leaves(obj, what: str) -> list:
 # ---------------------------------------------------------------------------
 
 
-def _probe_model(ctx: trace.Context, model: nn.Module, x):
+def probe_model(ctx: trace.Context, model: nn.Module, x):
     for layer in ctx.layers:
         layer.record = trace.Record()
     with torch.no_grad(), ctx.installed(probing=True):
@@ -124,7 +124,7 @@ def _loop(ctx: trace.Context, call: Callable, inputs: list[Input], probe_x):
                 if not suspects or inputs[k].axes[axis] == "batch":
                     continue
                 longer = list(probe_x)
-                longer[k] = _resize(x, axis, x.shape[axis] + 2)
+                longer[k] = resize(x, axis, x.shape[axis] + 2)
                 try:
                     grown = counts(tuple(longer))
                 except Exception:  # noqa: BLE001 - this axis cannot change size: not time
@@ -137,7 +137,7 @@ def _loop(ctx: trace.Context, call: Callable, inputs: list[Input], probe_x):
     return None
 
 
-def _loop_error(what: str, detail: str) -> ParityError:
+def loop_error(what: str, detail: str) -> ParityError:
     return ParityError(
         f"parity gate cannot pass: {detail}: something in forward() of {what} runs once per "
         "time step in a Python loop over time, which tracing unrolls at the example's fixed "
@@ -147,8 +147,8 @@ def _loop_error(what: str, detail: str) -> ParityError:
     )
 
 
-def _step_form(model, ctx, state: StepState, inputs: list[Input], probe_x, tb: int,
-               mode: str) -> _Form:
+def step_form(model, ctx, state: StepState, inputs: list[Input], probe_x, tb: int,
+               mode: str) -> Form:
     timed = [(k, i.axes.index("time")) for k, i in enumerate(inputs) if "time" in i.axes]
     if mode == "stream" and timed:
         for layer in ctx.layers:
@@ -162,7 +162,7 @@ def _step_form(model, ctx, state: StepState, inputs: list[Input], probe_x, tb: i
         found = _loop(ctx, call, inputs, probe_x)
         if found and (found[2], found[3]) in timed:
             layer, calls, k, axis = found
-            raise _loop_error(type(model).__name__, (
+            raise loop_error(type(model).__name__, (
                 f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called {calls} "
                 f"times for {probe_x[k].shape[axis]} steps of {inputs[k].name}"))
     wrapper = _StepWrapper(model, state, len(inputs))
@@ -171,7 +171,7 @@ def _step_form(model, ctx, state: StepState, inputs: list[Input], probe_x, tb: i
         with torch.no_grad():
             return wrapper(*x, *states)
 
-    return _Form(wrapper, state.specs(), run, lambda: ctx.installed(tracing=True))
+    return Form(wrapper, state.specs(), run, lambda: ctx.installed(tracing=True))
 
 
 def _bidirectional(layer: trace.Layer) -> UnsupportedModelError:
@@ -183,9 +183,9 @@ def _bidirectional(layer: trace.Layer) -> UnsupportedModelError:
     )
 
 
-def _lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> _Form:
+def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> Form:
     what = type(model).__name__
-    _probe_model(ctx, model, probe_x)
+    probe_model(ctx, model, probe_x)
     called = [layer for layer in ctx.layers if layer.record.calls]
     if not called:
         raise UnsupportedModelError(
@@ -195,10 +195,10 @@ def _lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) ->
     ctx.layers = called
     repeated = [layer for layer in called if layer.record.calls > 1]
     if repeated:
-        found = _loop(ctx, lambda x: _probe_model(ctx, model, x), inputs, probe_x)
+        found = _loop(ctx, lambda x: probe_model(ctx, model, x), inputs, probe_x)
         if found:
             layer, calls, k, axis = found
-            raise _loop_error(what, (
+            raise loop_error(what, (
                 f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called {calls} "
                 f"times for {probe_x[k].shape[axis]} steps along axis {axis} of "
                 f"{inputs[k].name}"))
@@ -230,4 +230,4 @@ def _lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) ->
         with torch.no_grad(), ctx.installed(lift=True):
             return wrapper(*x, *states)
 
-    return _Form(wrapper, specs, run, lambda: ctx.installed(lift=True, tracing=True))
+    return Form(wrapper, specs, run, lambda: ctx.installed(lift=True, tracing=True))

@@ -25,7 +25,7 @@ from torch import nn
 
 from rnnedge.contract import TensorSpec
 from rnnedge.errors import UsageError
-from rnnedge.exporters import trace
+from rnnedge.recurrent import STACKS
 
 DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.int32: "int32"}
 TRACE_BATCH, TRACE_TIME = 2, 3
@@ -45,10 +45,12 @@ class Input:
         return tuple(batch if a == "batch" else time if a == "time" else a for a in self.axes)
 
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype, self.axes)
+        # Token ids: the contract records the range the gate sampled (the vocabulary).
+        span = (self.low, self.high) if self.dtype.startswith("int") and self.high > self.low else None
+        return TensorSpec(self.name, self.dtype, self.axes, span)
 
 
-def _example_tuple(example_input) -> tuple[torch.Tensor, ...]:
+def example_tuple(example_input) -> tuple[torch.Tensor, ...]:
     items = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not items or not all(isinstance(t, torch.Tensor) for t in items):
         raise UsageError(
@@ -69,11 +71,11 @@ def _example_tuple(example_input) -> tuple[torch.Tensor, ...]:
     return items
 
 
-def _names(base: str, n: int) -> list[str]:
+def numbered_names(base: str, n: int) -> list[str]:
     return [base] if n == 1 else [f"{base}.{i}" for i in range(n)]
 
 
-def _given_axes(input_axes, examples) -> list[tuple]:
+def given_axes(input_axes, examples) -> list[tuple]:
     if isinstance(input_axes, tuple) and input_axes and not isinstance(input_axes[0], (tuple, list)):
         input_axes = [input_axes]
     axes_list = [tuple(a) for a in input_axes]
@@ -115,8 +117,8 @@ def _given_axes(input_axes, examples) -> list[tuple]:
     return out
 
 
-def _inferred_axes(examples, layers) -> list[tuple]:
-    stacks = [m for _, m in layers if isinstance(m, trace.STACKS)]
+def inferred_axes(examples, layers) -> list[tuple]:
+    stacks = [m for _, m in layers if isinstance(m, STACKS)]
     out = []
     for x in examples:
         rest = tuple(int(d) for d in x.shape)
@@ -128,7 +130,7 @@ def _inferred_axes(examples, layers) -> list[tuple]:
     return out
 
 
-def _resize(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+def resize(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
     """``x`` tiled (or cut) along ``axis`` to size ``n``."""
     size = x.shape[axis]
     if size < n:
@@ -138,19 +140,19 @@ def _resize(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
     return x.narrow(axis, 0, n).contiguous()
 
 
-def _at_size(examples, inputs: list[Input], batch: int, time: int | None):
+def at_size(examples, inputs: list[Input], batch: int, time: int | None):
     out = []
     for x, info in zip(examples, inputs):
         for axis, a in enumerate(info.axes):
             if a == "batch":
-                x = _resize(x, axis, batch)
+                x = resize(x, axis, batch)
             elif a == "time" and time is not None:
-                x = _resize(x, axis, time)
+                x = resize(x, axis, time)
         out.append(x)
     return tuple(out)
 
 
-def _sizes(examples, axes_list) -> tuple[int, int | None]:
+def example_sizes(examples, axes_list) -> tuple[int, int | None]:
     batches = {int(x.shape[a.index("batch")]) for x, a in zip(examples, axes_list)}
     times = {int(x.shape[a.index("time")]) for x, a in zip(examples, axes_list) if "time" in a}
     if len(batches) > 1 or len(times) > 1:
@@ -161,7 +163,7 @@ def _sizes(examples, axes_list) -> tuple[int, int | None]:
     return batches.pop(), (times.pop() if times else None)
 
 
-def _trace_sizes(batch: int, time: int | None) -> tuple[int, int | None]:
+def trace_sizes(batch: int, time: int | None) -> tuple[int, int | None]:
     tb = max(batch, TRACE_BATCH)
     if time is None:
         return tb, None
@@ -169,7 +171,7 @@ def _trace_sizes(batch: int, time: int | None) -> tuple[int, int | None]:
     return tb, (tt + 1 if tt == tb else tt)
 
 
-def _token_ranges(model: nn.Module, call: Callable, examples) -> dict[int, tuple[int, int]]:
+def token_ranges(model: nn.Module, call: Callable, examples) -> dict[int, tuple[int, int]]:
     """For integer inputs consumed by an nn.Embedding: {input index: (0, num_embeddings)}."""
     found: dict[int, tuple[int, int]] = {}
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from rnnedge.contract import ExportSpec, StateSpec, TensorSpec
 from rnnedge.errors import UnsupportedModelError, UsageError
-from rnnedge.gate.parity import Plan
+from rnnedge.gate.plan import Plan
 from rnnedge.graphs.builder import GraphBuilder
 from rnnedge.graphs.emit import emit_cell, emit_stack
 from rnnedge.recurrent import CELLS, STACKS, kind_of
@@ -124,6 +124,7 @@ def plan_stack(model: nn.RNNBase, example, mode: str, opset: int, lengths: bool)
         reference=_stack_reference(model, kind),
         sample=_float_sample(model.input_size, model.batch_first),
         lengths_input="lengths" if lengths else None,
+        model=model,  # the gate's float64 referee runs the reference with it in float64
     )
 
 
@@ -147,7 +148,8 @@ def plan_cell(model: nn.Module, example, mode: str, opset: int) -> Plan:
     for s, value in zip(states, (hn, cn)):
         g.output(value, s.output, s.dtype, s.shape)
     graph = g.model(type(model).__name__)
-    return Plan(spec, graph, _cell_reference(model, kind), _float_sample(model.input_size, None))
+    return Plan(spec, graph, _cell_reference(model, kind), _float_sample(model.input_size, None),
+                model=model)
 
 
 def _float_sample(features: int, batch_first: bool | None):

@@ -21,8 +21,10 @@ dynamic axis, checks that the graph kept them dynamic, and gives the gate a refe
 that runs the model eagerly from given states.
 
 Modules: ``inputs`` (data inputs and their axes), ``stepping`` (a step-protocol module's
-state), ``forms`` (how each form is wrapped, run and checked), this one (``plan_model``
-and the plan: output specs, graph, reference).
+state), ``forms`` (how each form is wrapped, run and checked), ``trace`` (the patched
+recurrent layers and their custom ops), ``torchonnx`` (the torch.onnx.export run), this
+one (``plan_model`` and the plan: output specs, graph, reference). Bare layers are planned
+by ``layers`` without tracing; ``api`` picks between the two and runs the export.
 """
 
 from __future__ import annotations
@@ -37,35 +39,41 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import ExportSpec, TensorSpec
 from rnnedge.errors import RnnedgeError, UnsupportedModelError, UsageError, first_line
-from rnnedge.exporters import trace
-from rnnedge.exporters.forms import _Form, _lift_form, _loop_error, _probe_model, _step_form
+from rnnedge.exporters import torchonnx, trace
+from rnnedge.exporters.forms import Form, lift_form, loop_error, probe_model, step_form
 from rnnedge.exporters.inputs import (
     DTYPES,
     Input,
-    _at_size,
-    _example_tuple,
-    _given_axes,
-    _inferred_axes,
-    _names,
-    _sizes,
-    _token_ranges,
-    _trace_sizes,
+    at_size,
+    example_sizes,
+    example_tuple,
+    given_axes,
+    inferred_axes,
     make_sample,
+    numbered_names,
+    token_ranges,
+    trace_sizes,
 )
 from rnnedge.exporters.layers import source_of
 from rnnedge.exporters.stepping import (
     PROTOCOL,
     SELF_ATOL,
     SELF_RTOL,
-    _discover_state,
-    _init_method,
-    _looks_like_step,
-    _positional,
+    discover_state,
+    init_method,
+    looks_like_step,
+    positional_params,
 )
-from rnnedge.gate.parity import Plan
+from rnnedge.gate.plan import Plan
 
 # Eager sizes used to tell which output axes follow batch and time: (batch, time) twice.
 PROBE_SIZES = ((2, 3), (3, 5))
+
+
+def probe_sizes(min_length: int | None) -> tuple:
+    """PROBE_SIZES with every time at least ``min_length`` (still two different times)."""
+    low = min_length or 1
+    return tuple((b, max(t, low + k)) for k, (b, t) in zip((0, 2), PROBE_SIZES))
 
 
 def _check_params(model: nn.Module) -> None:
@@ -78,13 +86,15 @@ def _check_params(model: nn.Module) -> None:
 
 
 def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None, *,
-               input_axes=None) -> Plan:
+               input_axes=None, min_length: int | None = None) -> Plan:
     """Plan the export of a model built around recurrent layers, or of a step-protocol module.
 
     example_input: a tensor or tuple of tensors, one per data input of forward (the state
     excluded); int64 token ids are fine. Its sizes are not baked in.
     input_axes: optional, one tuple per data input naming each axis "batch", "time" or a
     fixed size (int or None), e.g. [("batch", "time", None)]; inferred when left out.
+    min_length: the fewest time steps the model takes: every probe and trace is at least
+    that long (the example is tiled up to it).
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -94,22 +104,24 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
             "padded sequences (or export its recurrent layer on its own)"
         )
     _check_params(model)
-    examples = _example_tuple(example_input)
+    examples = example_tuple(example_input)
     layers = trace.find_layers(model)
     ctx = trace.Context(model, layers)
     hinted = input_axes is not None
-    axes_list = _given_axes(input_axes, examples) if hinted else _inferred_axes(examples, layers)
-    names = _names("input", len(examples))
+    axes_list = given_axes(input_axes, examples) if hinted else inferred_axes(examples, layers)
+    names = numbered_names("input", len(examples))
     inputs = [Input(n, DTYPES[x.dtype], a) for n, x, a in zip(names, examples, axes_list)]
-    batch, time = _sizes(examples, axes_list)
-    tb, tt = _trace_sizes(batch, time)
-    trace_x = _at_size(examples, inputs, tb, tt)  # what is traced
-    probe_x = _at_size(examples, inputs, tb, time)  # eager probes: the example's own length
+    batch, time = example_sizes(examples, axes_list)
+    if time is not None and min_length:
+        time = max(time, min_length)  # probes at the example's length: at least min_length
+    tb, tt = trace_sizes(batch, time)
+    trace_x = at_size(examples, inputs, tb, tt)  # what is traced
+    probe_x = at_size(examples, inputs, tb, time)  # eager probes: the example's own length
     what = type(model).__name__
 
-    n_params, n_required = _positional(model)
+    n_params, n_required = positional_params(model)
     fits_state = n_required <= len(examples) + 1 and (n_params is None or n_params > len(examples))
-    init = _init_method(model)
+    init = init_method(model)
     if init is not None and n_params is not None and len(examples) == n_params >= 2:
         raise UsageError(
             f"{what}.forward takes {n_params} positional arguments, the data input(s) then the "
@@ -125,14 +137,14 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
             return model(*x, state)
 
     def batch_probe(b, state):
-        return call_step(_at_size(examples, inputs, b, time), state)
+        return call_step(at_size(examples, inputs, b, time), state)
 
     # The first eager runs of the user's forward: an exception here means the example
     # (or --input-shape) does not fit the model, which is the caller's to fix.
     with _user_forward(what, examples):
         if not step and fits_state:
             try:
-                step = _looks_like_step(call_step(probe_x, None))
+                step = looks_like_step(call_step(probe_x, None))
             except RnnedgeError:
                 raise
             except Exception:  # noqa: BLE001 - not a step-protocol forward after all
@@ -151,25 +163,25 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
 
         if step and init is None and layers:
             try:
-                state = _discover_state(model, batch_probe)
+                state = discover_state(model, batch_probe)
             except UnsupportedModelError:
                 step = False  # forward(x, None) gave (output, something) that is no state
         elif step:
-            state = _discover_state(model, batch_probe)
+            state = discover_state(model, batch_probe)
         # Integer inputs are sampled over the vocabulary of the nn.Embedding that reads them.
         if step:
-            ranges = _token_ranges(model, lambda: call_step(probe_x, state.build(state.zeros(tb))),
+            ranges = token_ranges(model, lambda: call_step(probe_x, state.build(state.zeros(tb))),
                                    probe_x)
         else:
-            ranges = _token_ranges(model, lambda: _probe_model(ctx, model, probe_x), probe_x)
+            ranges = token_ranges(model, lambda: probe_model(ctx, model, probe_x), probe_x)
         for k, (info, x) in enumerate(zip(inputs, examples)):
             if info.dtype.startswith("int"):
                 info.low, info.high = ranges.get(k, (int(x.min()), int(x.max()) + 1))
 
         if step:
-            form = _step_form(model, ctx, state, inputs, probe_x, tb, mode)
+            form = step_form(model, ctx, state, inputs, probe_x, tb, mode)
         else:
-            form = _lift_form(model, ctx, inputs, probe_x, mode)
+            form = lift_form(model, ctx, inputs, probe_x, mode)
 
     sample = make_sample(inputs)
     if not hinted and tt is not None and not _runs_at_other_length(form, sample, tb, tt):
@@ -177,12 +189,14 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
         # for an nn.LSTM): plan again with that axis fixed, one call per fixed-size input.
         fixed = [tuple(int(x.shape[i]) if a == "time" else a for i, a in enumerate(info.axes))
                  for info, x in zip(inputs, examples)]
-        return plan_model(model, example_input, mode, opset, lengths, input_axes=fixed)
+        return plan_model(model, example_input, mode, opset, lengths, input_axes=fixed,
+                          min_length=min_length)
     time_axis = next((i.axes.index("time") for i in inputs if "time" in i.axes), None)
 
+    sizes = probe_sizes(min_length)
     if not step:
-        _check_lifted_equals_model(model, form, sample, inputs, what)
-    outputs = _output_specs(form, sample, inputs, time_axis)
+        _check_lifted_equals_model(model, form, sample, inputs, what, sizes)
+    outputs = _output_specs(form, sample, inputs, time_axis, sizes)
     for out in outputs:
         if mode == "stream" and "batch*time" in out.shape:
             raise UnsupportedModelError(
@@ -200,7 +214,7 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
     spec = ExportSpec(mode, tuple(i.spec() for i in inputs), tuple(outputs),
                       tuple(form.state_specs), time_axis, opset, source_of(model))
     graph = _export(form, spec, inputs, trace_x, tb, what)
-    return Plan(spec, graph, _reference(form, spec), sample)
+    return Plan(spec, graph, _reference(form, spec), sample, model=model)
 
 
 @contextlib.contextmanager
@@ -223,7 +237,7 @@ def _user_forward(what: str, examples):
 # ---------------------------------------------------------------------------
 
 
-def _run(form: _Form, x, batch: int, time: int | None) -> list:
+def _run(form: Form, x, batch: int, time: int | None) -> list:
     """The wrapper run eagerly from zero states; a failure says at which sizes."""
     try:
         return form.run(x, _zero_states(form.state_specs, batch))
@@ -236,20 +250,21 @@ def _run(form: _Form, x, batch: int, time: int | None) -> list:
             f"forward() of {type(form.wrapper.model).__name__} fails at {at} "
             f"({type(exc).__name__}: {first}); rnnedge runs it at several batch sizes (and "
             "lengths): size everything from the input (x.shape[0]) instead of fixing it, or "
-            "give input_axes (--input-shape) if an axis was taken for batch or time wrongly"
+            "give input_axes (--input-shape) if an axis was taken for batch or time wrongly, or "
+            "min_length (--min-length) if the model needs a minimum length"
         ) from exc
 
 
 def _torch_inputs(data: dict, inputs: list[Input]):
-    return tuple(torch.from_numpy(np.ascontiguousarray(data[i.name])) for i in inputs)
+    # Copies: the model may change its input in place (x.mul_(0.5)).
+    return tuple(torch.from_numpy(np.array(data[i.name], copy=True)) for i in inputs)
 
 
 def _zero_states(specs, batch: int) -> list[torch.Tensor]:
-    return [torch.zeros([batch if i == s.batch_axis else d for i, d in enumerate(s.shape)])
-            for s in specs]
+    return [torch.zeros(s.shape_for(batch)) for s in specs]
 
 
-def _runs_at_other_length(form: _Form, sample, tb: int, tt: int) -> bool:
+def _runs_at_other_length(form: Form, sample, tb: int, tt: int) -> bool:
     rng = np.random.default_rng(1)
     try:
         data = sample(rng, tb, tt + 2)
@@ -262,14 +277,16 @@ def _runs_at_other_length(form: _Form, sample, tb: int, tt: int) -> bool:
     return True
 
 
-def _check_lifted_equals_model(model, form: _Form, sample, inputs, what: str) -> None:
+def _check_lifted_equals_model(model, form: Form, sample, inputs, what: str,
+                               sizes=PROBE_SIZES) -> None:
     rng = np.random.default_rng(2)
-    batch, time = PROBE_SIZES[0]
+    batch, time = sizes[0]
     data = sample(rng, batch, time)
-    x = _torch_inputs(data, inputs)
+    # Each run gets its own inputs: an in-place op on the input (x.mul_(0.5)) would
+    # otherwise feed the second run a different input than the first.
     with torch.no_grad():
-        own = pytree.tree_leaves(model(*x))  # ran already, through the lifted wrapper
-    lifted = _run(form, x, batch, time)[: len(own)]
+        own = pytree.tree_leaves(model(*_torch_inputs(data, inputs)))  # ran already, lifted
+    lifted = _run(form, _torch_inputs(data, inputs), batch, time)[: len(own)]
     if len(lifted) != len(own) or not all(torch.allclose(a, b, atol=SELF_ATOL, rtol=SELF_RTOL) for a, b in zip(own, lifted)):
         raise UnsupportedModelError(
             f"with zero initial states, {what} with its recurrent state carried differs from "
@@ -279,16 +296,17 @@ def _check_lifted_equals_model(model, form: _Form, sample, inputs, what: str) ->
         )
 
 
-def _output_specs(form: _Form, sample, inputs: list[Input], time_axis) -> list[TensorSpec]:
+def _output_specs(form: Form, sample, inputs: list[Input], time_axis,
+                  sizes=PROBE_SIZES) -> list[TensorSpec]:
     runs = []
-    for batch, time in PROBE_SIZES:
+    for batch, time in sizes:
         t = time if time_axis is not None else None
         data = sample(np.random.default_rng(3), batch, t)
         flat = _run(form, _torch_inputs(data, inputs), batch, t)
         outs = flat[: len(flat) - len(form.state_specs)]
         states = flat[len(outs):]
         for s, got in zip(form.state_specs, states):
-            want = tuple(batch if i == s.batch_axis else d for i, d in enumerate(s.shape))
+            want = s.shape_for(batch)
             if tuple(got.shape) != want:
                 raise UnsupportedModelError(
                     f"the state after a call has shape {tuple(got.shape)} but the state before "
@@ -296,7 +314,7 @@ def _output_specs(form: _Form, sample, inputs: list[Input], time_axis) -> list[T
                 )
         runs.append((batch, t, outs))
     (b1, t1, o1), (b2, t2, o2) = runs
-    names = _names("output", len(o1))
+    names = numbered_names("output", len(o1))
     specs = []
     for name, a, b in zip(names, o1, o2):
         if a.dtype not in DTYPES and a.dtype != torch.float16:
@@ -319,7 +337,7 @@ def _output_specs(form: _Form, sample, inputs: list[Input], time_axis) -> list[T
     return specs
 
 
-def _export(form: _Form, spec: ExportSpec, inputs: list[Input], trace_x, tb: int, what: str):
+def _export(form: Form, spec: ExportSpec, inputs: list[Input], trace_x, tb: int, what: str):
     states = _zero_states(spec.states, tb)
     dyn = [{i: a for i, a in enumerate(info.axes) if isinstance(a, str)} for info in inputs]
     dyn += [{s.batch_axis: "batch"} for s in spec.states]
@@ -328,9 +346,9 @@ def _export(form: _Form, spec: ExportSpec, inputs: list[Input], trace_x, tb: int
     axes = [info.axes for info in inputs] + [s.shape for s in spec.states]
     try:
         with form.trace_ctx():
-            proto = trace.export_onnx(form.wrapper, (*trace_x, *states), (tuple(dyn),),
+            proto = torchonnx.export_onnx(form.wrapper, (*trace_x, *states), (tuple(dyn),),
                                       in_names, out_names, spec.opset, what)
-    except trace.Specialized as exc:
+    except torchonnx.Specialized as exc:
         raise _fixed_axis_error(what, in_names[exc.index], exc.axis, axes[exc.index][exc.axis],
                                 exc.size) from None
     _check_dynamic(proto, spec, what)
@@ -338,14 +356,14 @@ def _export(form: _Form, spec: ExportSpec, inputs: list[Input], trace_x, tb: int
     declared.update({s.input: s.shape for s in spec.states})
     declared.update({s.output: s.shape for s in spec.states})
     for vi in list(proto.graph.input) + list(proto.graph.output):
-        trace.set_shape(vi, declared[vi.name])
+        torchonnx.set_shape(vi, declared[vi.name])
     proto.graph.name = what
     return proto
 
 
 def _check_dynamic(proto, spec: ExportSpec, what: str) -> None:
     """Refuse a graph whose batch or time axis the trace fixed to the example's size."""
-    dims = trace.dim_values(proto)
+    dims = torchonnx.dim_values(proto)
     shapes = {t.name: t.shape for t in spec.inputs}
     shapes.update({s.input: s.shape for s in spec.states})
     outs = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
@@ -363,7 +381,7 @@ def _check_dynamic(proto, spec: ExportSpec, what: str) -> None:
 
 def _fixed_axis_error(what: str, name: str, axis: int, axis_name: str, size: int):
     if axis_name == "time":
-        return _loop_error(what, f"the trace fixed the time axis of {name} at {size} steps")
+        return loop_error(what, f"the trace fixed the time axis of {name} at {size} steps")
     return UnsupportedModelError(
         f"the traced graph of {what} fixes axis {axis} ({axis_name}) of {name} at {size}: "
         "forward() builds something with a fixed size there (e.g. torch.zeros(1, ...)); "
@@ -371,7 +389,7 @@ def _fixed_axis_error(what: str, name: str, axis: int, axis_name: str, size: int
     )
 
 
-def _reference(form: _Form, spec: ExportSpec):
+def _reference(form: Form, spec: ExportSpec):
     in_names = [t.name for t in spec.inputs]
     out_names = [o.name for o in spec.outputs]
     state_names = [s.input for s in spec.states]

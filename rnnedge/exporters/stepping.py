@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import StateSpec
 from rnnedge.errors import UnsupportedModelError, first_line
-from rnnedge.exporters.inputs import _resize
+from rnnedge.exporters.inputs import resize
 
 INIT_METHODS = ("init_hidden", "init_state", "init_states", "initHidden")
 # Eager-vs-eager check (lifted state at zero vs the model's own forward): same math.
@@ -63,7 +63,7 @@ class StepState:
                 for (i, o), s, ax in zip(self.names, self.shapes, self.batch_axes)]
 
 
-def _positional(model: nn.Module) -> tuple[int | None, int]:
+def positional_params(model: nn.Module) -> tuple[int | None, int]:
     """(positional parameters of forward or None for *args, how many are required)."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
@@ -76,7 +76,7 @@ def _positional(model: nn.Module) -> tuple[int | None, int]:
     return len(pos), sum(p.default is p.empty for p in pos)
 
 
-def _init_method(model: nn.Module):
+def init_method(model: nn.Module):
     for name in INIT_METHODS:
         fn = getattr(model, name, None)
         if callable(fn):
@@ -94,7 +94,7 @@ def _leaves(obj, what: str) -> tuple[list, object]:
     return leaves, spec
 
 
-def _split_step(out, what: str):
+def split_step(out, what: str):
     """(outputs, state) from what a step-protocol forward returned: the state is last."""
     if not isinstance(out, (tuple, list)) or len(out) < 2:
         raise UnsupportedModelError(
@@ -136,9 +136,9 @@ def _check_zero(leaves, what: str) -> None:
             )
 
 
-def _discover_state(model, batch_probe) -> StepState:
+def discover_state(model, batch_probe) -> StepState:
     """The step-protocol state, from an init method or from forward(x, None)."""
-    found = _init_method(model)
+    found = init_method(model)
     with torch.no_grad():
         if found is not None:
             name, fn = found
@@ -159,10 +159,10 @@ def _discover_state(model, batch_probe) -> StepState:
                         f"{name}() takes no batch size and its state {[tuple(t.shape) for t in s1]} "
                         "has no axis of size 1 to be the batch; give it a batch_size argument"
                     )
-                s2 = [_resize(t, ax, 2) for t, ax in zip(s1, axes)]
+                s2 = [resize(t, ax, 2) for t, ax in zip(s1, axes)]
                 try:
                     out = batch_probe(2, pytree.tree_unflatten(s2, spec))
-                    _, st = _split_step(out, "forward(x, state)")
+                    _, st = split_step(out, "forward(x, state)")
                     got = [tuple(t.shape) for t in pytree.tree_leaves(st)]
                 except UnsupportedModelError:
                     raise
@@ -176,15 +176,15 @@ def _discover_state(model, batch_probe) -> StepState:
                     )
         else:
             what = "forward(x, None)"
-            _, st2 = _split_step(batch_probe(2, None), what)
-            _, st3 = _split_step(batch_probe(3, None), what)
+            _, st2 = split_step(batch_probe(2, None), what)
+            _, st3 = split_step(batch_probe(3, None), what)
             s2, spec = _leaves(st2, f"the state {what} returns")
             s3, _ = _leaves(st3, f"the state {what} returns")
             axes = _batch_axes(s2, s3, 2, 3, what)
             zeros = [torch.zeros_like(t) for t in s2]
-            with_none = pytree.tree_leaves(_split_step(batch_probe(2, None), what)[0])
+            with_none = pytree.tree_leaves(split_step(batch_probe(2, None), what)[0])
             with_zeros = pytree.tree_leaves(
-                _split_step(batch_probe(2, pytree.tree_unflatten(zeros, spec)), what)[0])
+                split_step(batch_probe(2, pytree.tree_unflatten(zeros, spec)), what)[0])
             if len(with_none) != len(with_zeros) or not all(
                     torch.allclose(a, b, atol=SELF_ATOL, rtol=SELF_RTOL)
                     for a, b in zip(with_none, with_zeros)):
@@ -229,7 +229,7 @@ def _guess_batch_axis(t: torch.Tensor) -> int | None:
     return ones[0] if ones else None
 
 
-def _looks_like_step(out) -> bool:
+def looks_like_step(out) -> bool:
     if not isinstance(out, (tuple, list)) or len(out) < 2:
         return False
     leaves = pytree.tree_leaves(out[-1])

@@ -19,30 +19,24 @@ runs the layer's own PyTorch forward, so the patched model is also the eager ref
 State lifting (models whose forward takes only the input): the wrapper hands each
 layer's initial state to its ``LayerCall`` through a plain ``Slot`` (not a Module) and
 collects the final state from it; the layer then ignores any state the model passes.
+
+Modules: this one (the custom ops, their translations, the patched layers), ``torchonnx``
+(running torch.onnx.export with these translations, and the graph it gives).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
-import logging
-import re
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-import onnx.version_converter
 import torch
 from torch import Tensor, nn
 
-from rnnedge.errors import ExportError, RnnedgeError, UnsupportedModelError, UsageError
+from rnnedge.errors import UnsupportedModelError, UsageError
 from rnnedge.graphs.emit import emit_cell, emit_stack
 from rnnedge.recurrent import CELLS, STACKS
-
-IR_VERSION = 10  # what the exporter writes; runtimes lag behind onnx
 
 # Modules being exported, by the int the custom ops carry. Filled per export, then emptied.
 _REGISTRY: dict[int, nn.Module] = {}
@@ -398,152 +392,3 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if m is not model:
             found.append((path, m))
     return found
-
-
-# ---------------------------------------------------------------------------
-# torch.onnx.export and the graph it gives
-# ---------------------------------------------------------------------------
-
-_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript",
-                  "onnx_ir", "torch._dynamo", "torch.utils._sympy", "torch._subclasses")
-_SPECIALIZED = re.compile(r"static shape of (\d+) for dimension inputs\['flat'\]\[(\d+)\]"
-                          r"\.shape\[(\d+)\]")
-
-
-class Specialized(ExportError):
-    """torch.export fixed a dynamic axis: graph input ``index``, ``axis``, at ``size``."""
-
-    def __init__(self, message: str, index: int, axis: int, size: int):
-        super().__init__(message)
-        self.index, self.axis, self.size = index, axis, size
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    levels = {}
-    for name in _QUIET_LOGGERS:
-        logger = logging.getLogger(name)
-        levels[name] = logger.level
-        logger.setLevel(logging.CRITICAL + 1)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), \
-                contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
-def _rnnedge_cause(exc: BaseException) -> RnnedgeError | None:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, RnnedgeError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _root(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    root = _root(exc)
-    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
-    return f"{type(root).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, output_names,
-                opset: int, what: str) -> onnx.ModelProto:
-    """torch.onnx.export (dynamo) with rnnedge's translations, cleaned up; ExportError on failure.
-
-    The wrapper's forward takes ``*flat`` tensors. torch.onnx builds at opset >= 18; an
-    older opset is reached with onnx's version converter afterwards.
-    """
-    import onnx_ir
-    import onnx_ir.passes.common as passes
-
-    build_opset = max(opset, 18)
-    try:
-        with _quiet():
-            program = torch.onnx.export(
-                wrapper, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                custom_translation_table=translations(build_opset), opset_version=build_opset,
-                input_names=list(input_names), output_names=list(output_names),
-                optimize=True, verbose=False, external_data=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - anything torch.onnx raises is a failed export
-        ours = _rnnedge_cause(exc)
-        if ours is not None:
-            raise ours.with_traceback(None) from None
-        fixed = _SPECIALIZED.search(str(_root(exc)))
-        if fixed:
-            size, index, axis = (int(g) for g in fixed.groups())
-            raise Specialized(f"tracing fixed axis {axis} of input {index} at {size}",
-                              index, axis, size) from exc
-        raise ExportError(
-            f"torch.onnx.export could not trace {what} ({_first_line(exc)}); make forward() "
-            "traceable by torch.export (no Python control flow on tensor values, no "
-            "numpy/.item() calls), or write the model as a step-protocol module "
-            "forward(x, state) -> (output, state)"
-        ) from exc
-    model = program.model
-    for p in (passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-              passes.DeduplicateInitializersPass(size_limit=1 << 40),
-              passes.RemoveUnusedNodesPass(),
-              passes.ClearMetadataAndDocStringPass()):
-        p(model)
-    proto = onnx_ir.serde.serialize_model(model)
-    del proto.metadata_props[:]
-    domains = {o.domain for o in proto.opset_import if o.domain not in ("", "ai.onnx")}
-    domains |= {n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
-    if domains or proto.functions:
-        raise ExportError(
-            f"the traced graph of {what} uses operators outside standard ONNX "
-            f"({', '.join(sorted(domains)) or 'local functions'}); this is an rnnedge bug: "
-            "please report it with the model"
-        )
-    if opset != build_opset:
-        try:
-            proto = onnx.version_converter.convert_version(proto, opset)
-        except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors
-            raise ExportError(
-                f"onnx could not convert the graph of {what} to opset {opset} "
-                f"({_first_line(exc)}); leave the opset out for the default (18)"
-            ) from exc
-    got = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
-    if got != {opset}:
-        raise ExportError(
-            f"the graph of {what} came out at opset {sorted(got)}, not {opset}; leave the "
-            "opset out for the default (18)"
-        )
-    proto.producer_name = "rnnedge"
-    proto.producer_version = ""
-    proto.ir_version = min(proto.ir_version, IR_VERSION)
-    return proto
-
-
-def dim_values(proto: onnx.ModelProto) -> dict[str, list]:
-    """Graph input name -> per axis its dim_param (str) or dim_value (int)."""
-    out = {}
-    for vi in proto.graph.input:
-        out[vi.name] = [d.dim_param if d.dim_param else d.dim_value
-                        for d in vi.type.tensor_type.shape.dim]
-    return out
-
-
-def set_shape(vi: onnx.ValueInfoProto, shape) -> None:
-    """Declare ``shape`` (ints fixed, strings dynamic) on a graph input or output."""
-    tshape = vi.type.tensor_type.shape
-    del tshape.dim[:]
-    for d in shape:
-        dim = tshape.dim.add()
-        if isinstance(d, str):
-            dim.dim_param = d
-        else:
-            dim.dim_value = int(d)

@@ -5,22 +5,21 @@ the loaded model in the graph's own mode and opset, and its spec is checked agai
 file's contract (names, dtypes, shapes); the gate then runs on the *file's* bytes. So what
 is proven is the file on disk, not a fresh export of the model.
 
-Per-tensor figures: the gate reports each case's worst error and the tensors that missed.
-To give every output and state its own figures, the gate runs a second time with zero
-tolerances, which makes every tensor that differs at all a "miss" carrying its max abs/rel
-error (a tensor absent from those misses is bit-exact). Both runs use the gate's fixed seed,
-so they see the same data; the verdict comes from the run with the real tolerances.
+The gate runs once: its result keeps every case's figures for every output and state,
+so the verdict and the per-tensor worst figures both come from that one run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rnnedge.contract import ExportSpec, from_json
 from rnnedge.errors import ContractError, ParityError, UnsupportedModelError, UsageError
+from rnnedge.graphs.external import inline_external_data
+from rnnedge.graphs.metadata import read_metadata
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
@@ -32,27 +31,23 @@ class GraphFile:
 
     path: Path
     data: bytes
-    meta: dict
+    meta: dict  # contract.metadata(): the contract as a JSON-ready dict
+    contract: ExportSpec
 
     @property
     def data_inputs(self) -> list[dict]:
         """The contract's data inputs without the sequence-mode ``lengths`` input."""
-        return [t for t in self.meta["inputs"] if not _is_lengths(t)]
+        return [t.as_dict() for t in self.contract.data_inputs]
 
     @property
     def has_lengths(self) -> bool:
-        return any(_is_lengths(t) for t in self.meta["inputs"])
+        return self.contract.has_lengths
 
     @property
     def dtype(self) -> str:
         """The dtype that picks the default tolerances (the first output's)."""
         outs = self.meta.get("outputs") or [{}]
         return outs[0].get("dtype", "float32")
-
-
-def _is_lengths(t: dict) -> bool:
-    # docs/contract.md: in sequence mode an int64 `lengths` input (batch,) may follow.
-    return t.get("name") == "lengths" and t.get("dtype") == "int64" and list(t.get("shape", [])) == ["batch"]
 
 
 def read_graph(path: str | os.PathLike) -> GraphFile:
@@ -68,25 +63,18 @@ def read_graph(path: str | os.PathLike) -> GraphFile:
         model.ParseFromString(data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several kinds
         raise UsageError(f"{path} is not a readable ONNX file ({type(exc).__name__}); check the path") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if "rnnedge" not in props:
+    data = inline_external_data(model, path) or data  # a NAME.onnx.data beside it, read in
+    text = read_metadata(model)
+    if text is None:
         raise ContractError(
             f"{path} has no rnnedge metadata: it was not written by rnnedge export, so there is "
             "no contract to verify against; export the model with rnnedge export"
         )
     try:
-        meta = json.loads(props["rnnedge"])
-    except json.JSONDecodeError as exc:
-        raise ContractError(f"{path}: the rnnedge metadata is not valid JSON ({exc.msg})") from None
-    if not isinstance(meta, dict) or meta.get("format") != 1:
-        raise ContractError(
-            f"{path}: rnnedge metadata format {meta.get('format') if isinstance(meta, dict) else '?'!r} "
-            "is not one this version reads (1); re-export the model with this rnnedge"
-        )
-    for key in ("mode", "inputs", "outputs", "states", "opset"):
-        if key not in meta:
-            raise ContractError(f"{path}: rnnedge metadata lacks {key!r}; re-export the model")
-    return GraphFile(path, data, meta)
+        spec = from_json(text)
+    except ContractError as exc:
+        raise ContractError(f"{path}: {exc}") from None
+    return GraphFile(path, data, spec.metadata(), spec)
 
 
 def _describe(t: dict) -> str:
@@ -117,7 +105,7 @@ def example_for(module, graph: GraphFile, input_axes: tuple | None = None, input
     input_axes: e.g. ("batch", "time", 16); None takes the graph's own input shape, so
     ``--input-shape`` is optional when verifying or benchmarking a file.
     """
-    from rnnedge.loaders.model_file import make_example
+    from rnnedge.loaders import make_example
 
     data = graph.data_inputs
     if not data:
@@ -129,7 +117,7 @@ def example_for(module, graph: GraphFile, input_axes: tuple | None = None, input
 
 
 def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tuple | None = None,
-                   input_dtype: str | None = None):
+                   input_dtype: str | None = None, min_length: int | None = None):
     """Rebuild ``module``'s export plan in ``graph``'s mode and opset; check it matches.
 
     Returns a ``parity.Plan`` whose ``reference``/``sample`` drive the gate. Raises
@@ -145,7 +133,7 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
     name = type(module).__name__
     try:
         plan = make_plan(module, example_input, meta["mode"], int(meta["opset"]), graph.has_lengths,
-                         [tuple(input_axes)] if input_axes is not None else None)
+                         [tuple(input_axes)] if input_axes is not None else None, min_length)
     except (UsageError, UnsupportedModelError) as exc:
         if not derived:
             raise
@@ -182,14 +170,24 @@ def providers_for(device: str, data: bytes) -> tuple[list, str]:
     return [CPU_EP], "cpu"
 
 
+def _num(x):
+    """A float for JSON: inf and nan as strings (JSON has neither)."""
+    if x is None:
+        return None
+    return x if x == x and x not in (float("inf"), float("-inf")) else str(x)
+
+
 @dataclass
 class VerifyReport:
     """The outcome of ``verify``.
 
-    cases: parity.CaseResult per gate case (the verdict, at atol/rtol).
-    tensors: per output and state (states named by their graph output), its worst
-    max_abs / max_rel over all cases, the case where the worst abs error happened, and
-    whether it passed every case.
+    cases: gate CaseResult per case (``.name``, ``.max_abs``, ``.max_rel``, ``.drift``,
+    ``.passed``, ``.misses``, ``.error``); the verdict is theirs, under the graph's policy.
+    tensors: per output and state (states named by their graph output), a TensorSummary:
+    worst max_abs / max_rel (and drift, for a reduced-precision graph) over all cases, the
+    case where the worst abs error happened, and whether it passed every case.
+    max_rel is always a relative error; drift (rms(graph - eager) / rms(eager), judged
+    against drift_limit) is reported on its own, and only for int8/fp16 graphs.
     """
 
     path: Path
@@ -200,8 +198,9 @@ class VerifyReport:
     rtol: float = 0.0
     device: str = "cpu"
     source: str = ""
-    plan: object = field(default=None, repr=False)  # the rebuilt parity.Plan, for reuse (bench)
+    plan: object = field(default=None, repr=False)  # the rebuilt gate Plan, for reuse (bench)
     precision: str = "fp32"  # "int8"/"fp16" graphs run their export's reduced-precision gate
+    drift_limit: float | None = None  # the reduced-precision policy's drift bound
 
     @property
     def max_abs(self) -> float:
@@ -212,13 +211,17 @@ class VerifyReport:
         return max((c.max_rel for c in self.cases), default=0.0)
 
     @property
+    def drift(self) -> float | None:
+        """Worst drift over the drift-judged cases; None for a float32 graph."""
+        if self.drift_limit is None:
+            return None
+        return max((c.drift for c in self.cases if c.drift is not None), default=0.0)
+
+    @property
     def failed(self) -> list:
         return [c for c in self.cases if not c.passed]
 
     def as_dict(self) -> dict:
-        def num(x: float):
-            return x if x == x and x not in (float("inf"), float("-inf")) else str(x)
-
         return {
             "graph": str(self.path),
             "model": self.source,
@@ -227,15 +230,22 @@ class VerifyReport:
             "precision": self.precision,
             "atol": self.atol,
             "rtol": self.rtol,
-            "max_abs": num(self.max_abs),
-            "max_rel": num(self.max_rel),
+            "drift_limit": self.drift_limit,
+            "max_abs": _num(self.max_abs),
+            "max_rel": _num(self.max_rel),
+            "drift": _num(self.drift),
             "cases": [
-                {"name": c.name, "max_abs": num(c.max_abs), "max_rel": num(c.max_rel), "passed": c.passed,
-                 "misses": [{"tensor": t, "max_abs": num(a), "max_rel": num(r)} for t, a, r in c.misses],
+                {"name": c.name, "max_abs": _num(c.max_abs), "max_rel": _num(c.max_rel),
+                 "drift": _num(c.drift), "passed": c.passed,
+                 "misses": [{"tensor": t.name, "max_abs": _num(t.max_abs),
+                             "max_rel": _num(t.max_rel), "drift": _num(t.drift)}
+                            for t in c.misses],
                  **({"error": c.error} if c.error else {})}
                 for c in self.cases
             ],
-            "tensors": [{**t, "max_abs": num(t["max_abs"]), "max_rel": num(t["max_rel"])}
+            "tensors": [{"name": t.name, "role": t.role, "max_abs": _num(t.max_abs),
+                         "max_rel": _num(t.max_rel), "drift": _num(t.drift),
+                         "worst_case": t.worst_case, "passed": t.passed}
                         for t in self.tensors],
         }
 
@@ -245,106 +255,67 @@ class VerifyReport:
         if not failed:
             return ""
         broken = [c for c in failed if c.error]
-        worst = [t for t in self.tensors if not t["passed"]]
-        parts = [f"{t['name']} max abs {t['max_abs']:.3g} max rel {t['max_rel']:.3g} "
-                 f"(worst in '{t['worst_case']}')" for t in worst]
+        worst = [t for t in self.tensors if not t.passed]
+        parts = [f"{t.name} max abs {t.max_abs:.3g} max rel {t.max_rel:.3g}"
+                 + ("" if t.drift is None else f" drift {t.drift:.3g}")
+                 + f" (worst in '{t.worst_case}')" for t in worst]
         if broken:
-            parts.append(f"graph failed to run in '{broken[0].name}': {broken[0].error}")
+            parts.append(f"in '{broken[0].name}': {broken[0].error}")
+        bound = "" if self.drift_limit is None else f", drift <= {self.drift_limit:g}"
         return (f"parity failed: {len(failed)} of {len(self.cases)} cases differ beyond "
-                f"atol={self.atol:g}, rtol={self.rtol:g}: " + "; ".join(parts)
+                f"atol={self.atol:g}, rtol={self.rtol:g}{bound}: " + "; ".join(parts)
                 + f"; {self.path.name} does not equal the model")
-
-
-def _tensor_figures(spec, strict: list, loose: list) -> list[dict]:
-    """Per output/state worst figures from the zero-tolerance run ``strict``."""
-    names = [(t.name, "output") for t in spec.outputs] + [(s.output, "state") for s in spec.states]
-    rows = {n: {"name": n, "role": role, "max_abs": 0.0, "max_rel": 0.0, "worst_case": "",
-                "passed": True} for n, role in names}
-    for case in strict:
-        if case.error:
-            for row in rows.values():
-                row["max_abs"] = row["max_rel"] = float("inf")
-                row["worst_case"] = case.name
-            continue
-        for tensor, a, r in case.misses:
-            row = rows.get(tensor)
-            if row is None:
-                continue
-            if a > row["max_abs"] or not row["worst_case"]:
-                row["worst_case"] = case.name
-            row["max_abs"] = max(row["max_abs"], a)
-            row["max_rel"] = max(row["max_rel"], r)
-    for case in loose:
-        if case.error:
-            for row in rows.values():
-                row["passed"] = False
-        for tensor, _, _ in case.misses:
-            if tensor in rows:
-                rows[tensor]["passed"] = False
-    return list(rows.values())
 
 
 def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = None,
            input_dtype: str | None = None, atol: float | None = None, rtol: float | None = None,
            device: str = "cpu", progress: Callable[[str], None] | None = None,
-           source: str = "") -> VerifyReport:
+           source: str = "", min_length: int | None = None,
+           max_length: int | None = None) -> VerifyReport:
     """Run the parity gate of the graph at ``graph_path`` against ``model`` (an nn.Module).
 
     example_input / input_axes: as for ``rnnedge.export`` (e.g. a (batch, time, F) tensor,
     axes ("batch", "time", F)); both default to the graph's own first input.
     atol, rtol: default from the graph's dtype (float32: 1e-5, 1e-4), or for an int8/fp16
     graph (its metadata's ``parity.precision``) from that precision, whose export gate
-    (drift-bounded sequences plus teacher-forced steps) then gives the verdict; the
-    per-tensor figures are the plain gate's free-running errors either way.
+    (drift-bounded sequences plus teacher-forced steps) then gives the verdict.
     device: "cpu", "cuda[:N]" or "auto": the onnxruntime provider the graph runs on.
+    progress: called with each case's name as the gate reaches it (once per case).
+    min_length, max_length: the range of time steps, as for ``rnnedge.export``.
+    The model is put in eval mode meanwhile; every submodule's own training flag is
+    restored afterwards.
     Returns a VerifyReport (it does not raise on a parity miss: see ``raise_on_failure``).
     Raises ContractError when the graph was not exported from a model of this shape,
     UsageError / DeviceError for bad arguments.
     """
-    from rnnedge.gate import parity
-    from rnnedge.gate.tolerance import tolerance
+    from rnnedge.exporters.inference import inference_mode
+    from rnnedge.gate import per_tensor, policy_for, run_gate
 
     graph = read_graph(graph_path)
-    precision, precision_mod = _precision_of(graph)
-    key = graph.dtype if precision_mod is None else precision_mod.tolerance_key(precision, graph.dtype)
-    atol, rtol = tolerance(key, atol, rtol)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()  # inference semantics (dropout off), as export does
-    try:
-        plan = plan_for_graph(model, graph, example_input, input_axes, input_dtype)
+    precision = _precision_of(graph)
+    policy = policy_for(precision, graph.dtype, atol, rtol, min_length=min_length,
+                        max_length=max_length)
+    with inference_mode(model):  # dropout off, as export does; every flag back afterwards
+        plan = plan_for_graph(model, graph, example_input, input_axes, input_dtype, min_length)
         providers, actual = providers_for(device, graph.data)
-        if precision_mod is None:
-            loose = parity.run_gate(plan, graph.data, atol, rtol, providers=providers, progress=progress)
-        else:  # an int8/fp16 graph: proven as its export proved it (drift + teacher-forced steps)
-            loose = precision_mod.run_gate(plan, graph.data, precision, atol, rtol,
-                                           providers=providers, progress=progress)
-        strict = parity.run_gate(plan, graph.data, 0.0, 0.0, providers=providers,
-                                 progress=(lambda case: progress(f"{case} (per-tensor figures)"))
-                                 if progress else None)
-    finally:
-        if was_training:
-            model.train()
-    tensors = _tensor_figures(plan.spec, strict, loose)
-    return VerifyReport(graph.path, all(c.passed for c in loose), loose, tensors, atol, rtol,
-                        actual, source or type(model).__name__, plan, precision)
+        result = run_gate(plan, graph.data, policy, providers=providers, progress=progress)
+    return VerifyReport(graph.path, result.passed, list(result.cases), per_tensor(result),
+                        policy.atol, policy.rtol, actual, source or type(model).__name__, plan,
+                        precision, policy.drift_limit)
 
 
-def _precision_of(graph: GraphFile):
-    """("fp32", None) for a float graph; (precision, the precision module) for int8/fp16
-    graphs, whose export records ``parity.precision`` and which need that module's gate."""
+def _precision_of(graph: GraphFile) -> str:
+    """"fp32" for a float graph; "int8"/"fp16" for graphs whose export recorded
+    ``parity.precision`` and which the gate's reduced-precision policy then proves."""
+    from rnnedge.gate import PRECISIONS
+
     precision = str((graph.meta.get("parity") or {}).get("precision", "fp32"))
-    if precision == "fp32":
-        return precision, None
-    try:
-        from rnnedge.precision import core as precision_mod
-    except ImportError:
-        precision_mod = None
-    if precision_mod is None or precision not in getattr(precision_mod, "PRECISIONS", ()):
+    if precision not in PRECISIONS:
         raise ContractError(
             f"{graph.path} was exported at precision {precision!r}, which this rnnedge cannot "
             "verify; upgrade rnnedge"
         )
-    return precision, precision_mod
+    return precision
 
 
 def raise_on_failure(report: VerifyReport) -> None:

@@ -1,98 +1,111 @@
-"""A small ONNX graph builder: named inputs/outputs, initializers, nodes.
+"""Building ONNX nodes through onnx_ir: one node writer for the layer translation and the passes.
 
-The translation functions in ``emit.py`` write through this; it hands out unique
-names so that composing layers never collides.
+``Writer`` records nodes and initializers on an ``onnx_ir.tape.Tape`` under names from one
+``Names``; ``GraphBuilder`` is a writer plus graph inputs and outputs, for the translation
+functions in ``emit.py``. Values are onnx_ir values; a graph input may also be named by its
+string (the exporters name the state inputs they declare).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import helper
+
+from rnnedge.graphs.names import Names
 
 _DTYPES = {
-    "float32": TensorProto.FLOAT,
-    "float16": TensorProto.FLOAT16,
-    "float64": TensorProto.DOUBLE,
-    "int64": TensorProto.INT64,
-    "int32": TensorProto.INT32,
+    "float32": ir.DataType.FLOAT,
+    "float16": ir.DataType.FLOAT16,
+    "float64": ir.DataType.DOUBLE,
+    "int64": ir.DataType.INT64,
+    "int32": ir.DataType.INT32,
+    "bool": ir.DataType.BOOL,
 }
 
 
-def onnx_dtype(dtype: str) -> int:
+def ir_dtype(dtype: str) -> ir.DataType:
+    """The onnx_ir data type of a contract dtype name ("float32", "int64", ...)."""
     return _DTYPES[dtype]
 
 
-def unique_name(used: set, hint: str) -> str:
-    """``hint``, or ``hint_1``, ``hint_2``, ...: the first not in ``used`` (which it joins)."""
-    name, i = hint, 0
-    while name in used:
-        i += 1
-        name = f"{hint}_{i}"
-    used.add(name)
-    return name
+def tensor_value(name: str, dtype: str, shape) -> ir.Value:
+    """A typed value (e.g. a graph input); ``shape`` mixes ints and axis names."""
+    return ir.val(name, ir_dtype(dtype), ir.Shape(list(shape)))
 
 
-class GraphBuilder:
-    """Collects nodes and initializers for one graph."""
+class Writer:
+    """Nodes and initializers for one graph or subgraph, recorded on an onnx_ir Tape.
 
-    def __init__(self, opset: int):
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self._used: set[str] = set()
+    Every name is ``prefix + hint`` made unique through ``names``; a subgraph's writer
+    shares its model's ``names`` (ONNX forbids a subgraph to reuse an outer name).
+    """
 
-    def fresh(self, hint: str) -> str:
-        """A name not used yet in this graph, derived from ``hint``."""
-        return unique_name(self._used, hint)
+    def __init__(self, names: Names | None = None, prefix: str = ""):
+        self.tape = ir.tape.Tape()
+        self.names = names if names is not None else Names()
+        self.prefix = prefix
+        self.inputs: dict[str, ir.Value] = {}  # values that may be given by name
 
-    def input(self, name: str, dtype: str, shape) -> str:
-        self._used.add(name)
-        self.inputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape)))
-        return name
-
-    def output(self, value: str, name: str, dtype: str, shape) -> str:
-        """Expose ``value`` as graph output ``name`` (through Identity when renamed)."""
-        if value != name:
-            self._used.add(name)
-            self.nodes.append(helper.make_node("Identity", [value], [name], name=f"{name}_out"))
-        self.outputs.append(helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape)))
-        return name
-
-    def const(self, array: np.ndarray, hint: str) -> str:
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def ints(self, values, hint: str = "ints") -> str:
-        return self.const(np.asarray(values, dtype=np.int64), hint)
+    def value(self, v) -> ir.Value | None:
+        """An input as onnx_ir takes it: "" or None is an omitted optional input."""
+        if v is None or (isinstance(v, str) and v == ""):
+            return None
+        return self.inputs[v] if isinstance(v, str) else v
 
     def op(self, op_type: str, inputs, *, n_out: int = 1, hint: str | None = None, **attrs):
-        """Add one node; returns its output name, or a list of names when ``n_out > 1``.
+        """Add one node; returns its output value, or a list of values when ``n_out > 1``.
 
         An empty string in ``inputs`` is an omitted optional input, as in ONNX.
         """
-        hint = hint or op_type.lower()
-        outs = [self.fresh(f"{hint}_y{k}" if n_out > 1 else hint) for k in range(n_out)]
-        self.nodes.append(
-            helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{hint}_node"), **attrs)
-        )
-        return outs if n_out > 1 else outs[0]
+        hint = self.prefix + (hint or op_type.lower())
+        out_names = [self.names(f"{hint}_y{k}" if n_out > 1 else hint) for k in range(n_out)]
+        outs = self.tape.op_multi_out(
+            op_type, [self.value(v) for v in inputs], attributes=attrs or None,
+            num_outputs=n_out, name=self.names(f"{hint}_node"))
+        for value, name in zip(outs, out_names):
+            value.name = name
+        return list(outs) if n_out > 1 else outs[0]
+
+    def const(self, array, hint: str) -> ir.Value:
+        """An initializer holding ``array`` (its shape kept, 0-d included)."""
+        name = self.names(self.prefix + hint)
+        return self.tape.initializer(ir.tensor(np.array(array, order="C"), name=name), name=name)
+
+    def ints(self, values, hint: str = "ints") -> ir.Value:
+        return self.const(np.asarray(values, dtype=np.int64), hint)
+
+
+class GraphBuilder(Writer):
+    """A writer for one whole graph: typed inputs and outputs, then ``model()``."""
+
+    def __init__(self, opset: int):
+        super().__init__()
+        self.opset = opset
+        self.outputs: list[ir.Value] = []
+
+    def input(self, name: str, dtype: str, shape) -> ir.Value:
+        self.inputs[name] = tensor_value(self.names.take(name), dtype, shape)
+        return self.inputs[name]
+
+    def output(self, value, name: str, dtype: str, shape) -> ir.Value:
+        """Expose ``value`` as graph output ``name`` (through Identity when renamed)."""
+        value = self.value(value)
+        if value.name != name:
+            self.names.take(name)
+            value = self.tape.op("Identity", [value], name=self.names(f"{name}_out"))
+            value.name = name
+        value.dtype, value.shape = ir_dtype(dtype), ir.Shape(list(shape))
+        self.outputs.append(value)
+        return value
 
     def model(self, graph_name: str, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, graph_name, self.inputs, self.outputs, initializer=self.initializers
-        )
-        opsets = [helper.make_opsetid("", self.opset)]
-        model = helper.make_model(
-            graph,
-            opset_imports=opsets,
-            producer_name="rnnedge",
-            # The newest IR a given opset needs, not onnx's newest: runtimes lag behind onnx.
-            ir_version=helper.find_min_ir_version_for(opsets),
-        )
-        for key, value in (metadata or {}).items():
-            helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
-        return model
+        graph = ir.Graph(list(self.inputs.values()), self.outputs, nodes=self.tape.nodes,
+                         initializers=self.tape.initializers, opset_imports={"": self.opset},
+                         name=graph_name)
+        # The newest IR a given opset needs, not onnx's newest: runtimes lag behind onnx.
+        ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)])
+        model = ir.Model(graph, ir_version=ir_version, producer_name="rnnedge")
+        model.metadata_props.update(metadata or {})
+        return ir.to_proto(model)

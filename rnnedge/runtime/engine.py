@@ -9,6 +9,10 @@ device buffers until they are read.
 
 An Engine is used by one thread at a time (IOBinding objects are not thread-safe);
 the session itself is shared.
+
+A run never touches the buffer set the state was read from, so ``undo`` (flip the
+parity back) restores the state before the last run bit for bit: that is how a step
+whose outputs or new state hold NaN/inf is refused without a copy.
 """
 
 from __future__ import annotations
@@ -18,7 +22,33 @@ from collections import OrderedDict
 import numpy as np
 import onnxruntime as ort
 
+from rnnedge.errors import UsageError
+from rnnedge.runtime.guards import finite, probe
+
 MAX_SLOTS = 16  # distinct input shapes kept bound per engine (LRU beyond that)
+# Most bytes of state one engine allocates (two buffer sets counted): sizes come from the
+# graph's metadata and the caller's batch, so a tampered file or a typo must give an
+# error before numpy or CUDA try to allocate terabytes.
+MAX_STATE_BYTES = 16 << 30
+
+
+def check_state_size(states: tuple, batch: int, where: str) -> None:
+    """Refuse (UsageError) states whose two buffer sets for ``batch`` rows exceed MAX_STATE_BYTES.
+
+    Sizes are multiplied as Python ints, so nothing overflows however large the file says.
+    """
+    total = 0
+    for s in states:
+        count = 1
+        for dim in s.shape_for(batch):
+            count *= int(dim)
+        total += 2 * count * np.dtype(s.dtype).itemsize
+        if total > MAX_STATE_BYTES:
+            raise UsageError(
+                f"{where}: state {s.input!r} of shape {list(s.shape_for(batch))} "
+                f"({np.dtype(s.dtype).name}) takes the states to {total / 2**30:.3g} GiB (two "
+                f"buffers each), over the {MAX_STATE_BYTES >> 30} GiB a stream or pool "
+                "allocates; use a smaller batch, or check the graph's metadata (a tampered size?)")
 
 
 class Slot:
@@ -29,11 +59,16 @@ class Slot:
     host arrays on the CPU, device OrtValues on CUDA (read with Engine.host_outputs). args[p]: what the session runs when the current state is in buffer set p.
     """
 
-    __slots__ = ("key", "in_bufs", "out_bufs", "bindings", "args")
+    __slots__ = ("key", "in_bufs", "out_bufs", "bindings", "args", "float_in", "after")
 
     def __init__(self, key, in_bufs, bindings, args):
         self.key = key
         self.in_bufs = in_bufs
+        # The finite checks' (view, ones) of the float data inputs, and after[p]: the
+        # (name, view, ones) of the float outputs and states a run leaves when the state
+        # lands in buffer set p (CPU only: set by the first run; empty on CUDA).
+        self.float_in = [probe(b) for b in in_bufs if b.dtype.kind == "f"]
+        self.after = ((), ())
         self.out_bufs = None
         self.bindings = bindings
         self.args = args
@@ -64,15 +99,19 @@ class Engine:
         self.host = None  # CPU: the numpy arrays behind the state OrtValues, [set][state]
         self.bufs = [[], []]  # [set][state] OrtValue
         shapes = [s.shape_for(batch) for s in self.states]
-        if self.on_cuda:
-            for side in (0, 1):
-                self.bufs[side] = [
-                    ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, s.dtype), "cuda", self.device_id)
-                    for s, shape in zip(self.states, shapes)]
-        else:
-            self.host = [[np.zeros(shape, s.dtype) for s, shape in zip(self.states, shapes)]
-                         for _ in (0, 1)]
-            self.bufs = [[ort.OrtValue.ortvalue_from_numpy(a) for a in side] for side in self.host]
+        try:
+            if self.on_cuda:
+                for side in (0, 1):
+                    self.bufs[side] = [
+                        ort.OrtValue.ortvalue_from_numpy(s.zeros(batch), "cuda", self.device_id)
+                        for s in self.states]
+            else:
+                self.host = [[s.zeros(batch) for s in self.states]
+                             for _ in (0, 1)]
+                self.bufs = [[ort.OrtValue.ortvalue_from_numpy(a) for a in side] for side in self.host]
+        except MemoryError:  # under MAX_STATE_BYTES (checked by Stream/Pool), yet too much here
+            raise UsageError(f"the state for batch {batch} does not fit in memory "
+                             f"({[list(x) for x in shapes]}); use a smaller batch") from None
         self._slots: OrderedDict = OrderedDict()
 
     # --- stepping ---------------------------------------------------------------------------
@@ -126,10 +165,24 @@ class Engine:
         else:
             out_bufs = [np.array(v.numpy(), copy=True) for v in got]
             values = [ort.OrtValue.ortvalue_from_numpy(buf) for buf in out_bufs]
+            outs = [(t.name, *probe(b)) for t, b in zip(self.outputs, out_bufs) if b.dtype.kind == "f"]
+            slot.after = tuple(
+                tuple(outs + [(s.output, *probe(a)) for s, a in zip(self.states, side) if a.dtype.kind == "f"])
+                for side in self.host)
         for t, value in zip(self.outputs, values):
             for other in slot.bindings:
                 other.bind_ortvalue_output(t.name, value)
         slot.out_bufs = out_bufs
+
+    def undo(self) -> None:
+        """Return to the state before the last run (its input buffers were not written)."""
+        self.parity ^= 1
+
+    def nonfinite_after_run(self, slot: Slot) -> list[str]:
+        """Names of the last run's float outputs and new states holding NaN/inf (CPU only:
+        on CUDA they stay on the device, and reading them back each step would cost a copy
+        and a sync; the caller checks outputs there when it reads them)."""
+        return [name for name, v, ones in slot.after[self.parity] if not finite(v, ones)]
 
     def host_outputs(self, slot: Slot) -> list:
         """New host arrays of the last run's outputs (from the device on CUDA)."""
@@ -172,7 +225,7 @@ class Engine:
                 if self.host is not None:
                     self.host[self.parity][i].fill(0)
                 else:
-                    self.bufs[self.parity][i].update_inplace(np.zeros(s.shape_for(self.batch), s.dtype))
+                    self.bufs[self.parity][i].update_inplace(s.zeros(self.batch))
                 continue
             index = (slice(None),) * s.batch_axis + (rows,)
             if self.host is not None:

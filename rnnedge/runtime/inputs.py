@@ -30,6 +30,12 @@ def as_list(data: tuple, x, where: str) -> list:
     return [x]
 
 
+def native(value: np.ndarray) -> np.ndarray:
+    """``value`` in this machine's byte order: a big-endian float32 is still float32, so it is
+    converted (onnxruntime reads native bytes), not refused as another dtype."""
+    return value if value.dtype.isnative else value.astype(value.dtype.newbyteorder("="))
+
+
 def check(t: TensorInfo, value, batch: int | None, where: str) -> np.ndarray:
     """``value`` as an ndarray after checking dtype, rank, batch and fixed sizes."""
     if not isinstance(value, np.ndarray):
@@ -37,6 +43,7 @@ def check(t: TensorInfo, value, batch: int | None, where: str) -> np.ndarray:
             raise StepInputError(f"{where}: input {t.name!r} must be a numpy array {t.describe(batch)}, "
                                  f"got {type(value).__name__}")
         value = np.asarray(value)
+    value = native(value)
     expect = t.describe(batch)
     if value.dtype != t.dtype:
         raise StepInputError(
@@ -73,11 +80,13 @@ def check_state(states: tuple, batch: int, values, where: str) -> dict:
     for name, value in values.items():
         s = by_name[name]
         want = s.shape_for(batch)
+        if isinstance(value, np.ndarray):
+            value = native(value)
         if not isinstance(value, np.ndarray) or value.dtype != s.dtype or value.shape != want:
             got = (f"{value.dtype.name}{list(value.shape)}" if isinstance(value, np.ndarray)
                    else type(value).__name__)
             raise StepInputError(
-                f"{where}: state {name!r} must be a {s.dtype.name} array of shape {list(want)}, got {got}")
+                f"{where}: state {name!r} must be a {s.dtype} array of shape {list(want)}, got {got}")
         out[name] = value
     return out
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
 
-from rnnedge.errors import UsageError
+from rnnedge.errors import ModelLoadError, UsageError, first_line
 from rnnedge.runtime.contract import METADATA_KEY, Contract, graph_io, read_contract
+from rnnedge.runtime.inputs import native
 from rnnedge.runtime.pool import Pool
-from rnnedge.runtime.providers import create_session
+from rnnedge.runtime.providers import EXTERNAL_DATA_FOLDER, create_session
 from rnnedge.runtime.stream import Stream
 
 
@@ -20,13 +23,16 @@ class Model:
 
     session: the onnxruntime InferenceSession. device: "cpu" or "cuda:N".
     contract: the Contract (data inputs/outputs, states, axes, mode).
+    check_finite: whether its streams and pools refuse NaN/inf unless told otherwise.
     """
 
-    def __init__(self, session: ort.InferenceSession, contract: Contract, device: str, source: str):
+    def __init__(self, session: ort.InferenceSession, contract: Contract, device: str, source: str,
+                 check_finite: bool = True):
         self.session = session
         self.contract = contract
         self.device = device
         self.source = source
+        self.check_finite = check_finite  # the default of the streams and pools made from it
 
     def __repr__(self) -> str:
         return (f"<rnnedge Model {self.source} on {self.device}: inputs {self.input_names}, "
@@ -52,11 +58,13 @@ class Model:
         """The parsed rnnedge metadata, or None for a graph without it."""
         return self.contract.metadata
 
-    def stream(self, batch: int = 1, constants: dict | None = None) -> Stream:
+    def stream(self, batch: int = 1, constants: dict | None = None, *,
+               check_finite: bool | None = None) -> Stream:
         """A new stream of ``batch`` rows with a zero state.
 
         constants: {input name: array} for graph inputs that are neither data nor state
         (e.g. a scalar sample rate of a foreign graph): bound once, not passed to step().
+        check_finite: refuse NaN/inf (see Stream); None takes the Model's (``load``'s) setting.
         """
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise UsageError(f"batch must be an int >= 1, got {batch!r}")
@@ -66,12 +74,19 @@ class Model:
                     and t.shape[t.batch_axis] != batch:
                 raise UsageError(f"input {t.name!r} has a fixed batch of {t.shape[t.batch_axis]} "
                                  f"in this graph; make streams with batch={t.shape[t.batch_axis]}")
-        return Stream(self, int(batch), data, bound)
+        return Stream(self, int(batch), data, bound, self._check_finite(check_finite))
 
-    def pool(self, constants: dict | None = None) -> Pool:
+    def pool(self, constants: dict | None = None, *, check_finite: bool | None = None) -> Pool:
         """A new, empty pool of single-row streams stepped as one batch (see Pool)."""
         data, bound = self._split(constants, "pool()")
-        return Pool(self, data, bound)
+        return Pool(self, data, bound, self._check_finite(check_finite))
+
+    def _check_finite(self, value) -> bool:
+        if value is None:
+            return self.check_finite
+        if not isinstance(value, bool):
+            raise UsageError(f"check_finite must be True, False or None, got {value!r}")
+        return value
 
     def _split(self, constants, where: str) -> tuple[tuple, dict]:
         """(data inputs, {name: OrtValue}) once ``constants`` are taken out of the inputs."""
@@ -86,7 +101,7 @@ class Model:
                              f"it has {list(specs)}")
         bound = {}
         for name, value in constants.items():
-            value = np.asarray(value)
+            value = native(np.asarray(value))
             t = specs[name]
             if value.dtype != t.dtype or value.ndim != len(t.shape) or any(
                     isinstance(d, int) and d != g for d, g in zip(t.shape, value.shape)):
@@ -102,7 +117,8 @@ class Model:
 
 
 def load(path, device: str = "auto", threads: int | None = None, *, state_map: dict | None = None,
-         batch_axes: dict | None = None, time_axis: int | None = None) -> Model:
+         batch_axes: dict | None = None, time_axis: int | None = None, check_finite: bool = True,
+         external_data_dir=None) -> Model:
     """Load an ONNX graph to stream it.
 
     path: a .onnx file (or the serialized model as bytes).
@@ -114,13 +130,63 @@ def load(path, device: str = "auto", threads: int | None = None, *, state_map: d
         {state input: state output} pairs (default: found from naming conventions),
         {tensor name: batch axis} overrides, and the time axis of the data tensors
         (default: a dim named like time/T/seq, else none).
+    check_finite: whether streams and pools refuse NaN/inf by default (docs/runtime.md).
+    external_data_dir: only for bytes: the folder holding the graph's external data files.
+        Without it, bytes that refer to external data are refused (ModelLoadError): they
+        would otherwise be read from the process's working directory. A file's external
+        data is read from the file's own folder.
     Raises ModelLoadError, ContractError, DeviceError or UsageError.
     """
     if not isinstance(path, (str, os.PathLike, bytes, bytearray)):
         raise UsageError(f"path must be a file path or the model's bytes, got {type(path).__name__}")
-    source = "<bytes>" if isinstance(path, (bytes, bytearray)) else os.fspath(path)
-    session, actual = create_session(bytes(path) if isinstance(path, bytearray) else path, device, threads)
+    if not isinstance(check_finite, bool):
+        raise UsageError(f"check_finite must be True or False, got {check_finite!r}")
+    in_memory = isinstance(path, (bytes, bytearray))
+    source = "<bytes>" if in_memory else os.fspath(path)
+    with _external_data(in_memory, external_data_dir) as config:
+        try:  # called from here, so that a DeviceFallbackWarning points at the caller's load
+            session, actual = create_session(bytes(path) if in_memory else path, device, threads, config)
+        except ModelLoadError as exc:
+            if not in_memory or "external data" not in str(exc).lower():
+                raise
+            raise _external_data_error(exc, external_data_dir) from None
     meta = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     contract = read_contract(meta, graph_io(session.get_inputs()), graph_io(session.get_outputs()),
                              state_map=state_map, batch_axes=batch_axes, time_axis=time_axis)
-    return Model(session, contract, actual, source)
+    return Model(session, contract, actual, source, check_finite)
+
+
+@contextlib.contextmanager
+def _external_data(in_memory: bool, folder):
+    """The session config that confines a graph's external data; yields {key: folder} or None.
+
+    onnxruntime resolves the external data of a graph given as bytes against the working
+    directory (``../`` included). Naming a folder confines it there: ORT then refuses
+    absolute paths and paths that leave it. Without ``folder`` a fresh empty one is named
+    (removed after the load), so an external data reference fails to load instead of
+    reading the caller's files. A graph file's external data stays confined to its folder.
+    """
+    if not in_memory:
+        if folder is not None:
+            raise UsageError("external_data_dir is only for a graph given as bytes; a graph file's "
+                             "external data is read from the file's own folder")
+        yield None
+        return
+    if folder is not None:
+        if not isinstance(folder, (str, os.PathLike)) or not os.path.isdir(folder):
+            raise UsageError(f"external_data_dir must be an existing folder, got {folder!r}")
+        yield {EXTERNAL_DATA_FOLDER: os.path.abspath(folder)}
+        return
+    with tempfile.TemporaryDirectory(prefix="rnnedge-no-external-data-") as empty:
+        yield {EXTERNAL_DATA_FOLDER: empty}
+
+
+def _external_data_error(exc: ModelLoadError, folder) -> ModelLoadError:
+    """The error for bytes whose external data could not be read where allowed."""
+    if folder is not None:
+        return ModelLoadError(f"the graph's external data is not all inside external_data_dir "
+                              f"{os.fspath(folder)!r} ({first_line(exc.__cause__ or exc, 160)})")
+    return ModelLoadError(
+        "the graph given as bytes refers to external data files, which rnnedge does not read "
+        "from the working directory: pass external_data_dir=FOLDER (the folder that holds "
+        "them) to rnnedge.load, or load the .onnx file by its path")

@@ -9,31 +9,53 @@ anew only when the set or order of streams in a step changes.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
 
 from rnnedge.errors import ContractError, StepInputError, UsageError
-from rnnedge.runtime.engine import Engine
+from rnnedge.runtime.engine import Engine, check_state_size
+from rnnedge.runtime.guards import (
+    all_finite,
+    busy,
+    exclusive,
+    finite,
+    nonfinite_result,
+    refuse_nonfinite_inputs,
+    refuse_nonfinite_state,
+)
 from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state, lengths_of
 
 MAX_ENGINES = 8  # batch sizes kept allocated
+POOL = "this pool"
+
+
+def bad_rows(a: np.ndarray, axis: int, ids: tuple) -> list:
+    """The ids (one per index along ``axis``) whose slice of ``a`` holds NaN/inf."""
+    rows = np.moveaxis(np.asarray(a), axis, 0).reshape(len(ids), -1)
+    return [sid for sid, ok in zip(ids, np.isfinite(rows).all(axis=1)) if not ok]
 
 
 class Pool:
     """Steps many streams (each one row, batch 1) in one batched call; made by ``Model.pool``.
 
-    One pool is for one thread at a time.
+    One pool is for one thread at a time: a call while another thread's call on the same
+    pool is in progress raises ConcurrentUseError. NaN/inf are refused as by a Stream
+    (``check_finite``), for the whole call: no stream in it advances.
     """
 
-    def __init__(self, model, data: tuple, constants: dict):
+    def __init__(self, model, data: tuple, constants: dict, check_finite: bool = True):
         contract = model.contract
         unbatched = [t.name for t in data + contract.outputs if t.batch_axis is None] + \
                     [s.input for s in contract.states if s.batch_axis is None]
         if unbatched:
             raise ContractError(f"a pool batches streams along the batch axis, but {unbatched} "
                                 "have none; pass batch_axes= to rnnedge.load, or use streams")
+        check_state_size(contract.states, 1, "pool()")
         self.model = model
+        self.check_finite = bool(check_finite)
+        self._busy = threading.Lock()  # held by the call in progress; never waited on
         self._data = data
         self._constants = constants
         self._states = contract.states
@@ -41,7 +63,7 @@ class Pool:
         self._out_names = [t.name for t in contract.outputs]
         self._single_out = len(self._out_names) == 1
         self._capacity = 0
-        self._store = [np.zeros(s.shape_for(0), s.dtype) for s in self._states]
+        self._store = [s.zeros(0) for s in self._states]
         self._row: dict[int, int] = {}  # stream id -> row in the store
         self._free: list[int] = []
         self._next_id = 0
@@ -53,10 +75,13 @@ class Pool:
 
     # --- membership -------------------------------------------------------------------------
 
+    @exclusive(POOL)
     def add(self, state: dict | None = None) -> int:
         """A new stream (zero state, or ``state`` as for one row); returns its id."""
         if state is not None:
             state = check_state(self._states, 1, state, "add(state)")
+            if self.check_finite:
+                refuse_nonfinite_state(state, "add(state)")
         if not self._free:
             self._grow()
         sid = self._next_id
@@ -67,6 +92,7 @@ class Pool:
             self._rows_view(s, store, row)[...] = 0 if state is None or s.input not in state else state[s.input]
         return sid
 
+    @exclusive(POOL)
     def remove(self, sid: int) -> None:
         """Forget stream ``sid``; its row is reused by a later ``add``."""
         row = self._lookup(sid)
@@ -75,6 +101,7 @@ class Pool:
         del self._row[sid]
         self._free.append(row)
 
+    @exclusive(POOL)
     def reset(self, sid: int) -> None:
         """Zero the state of stream ``sid``."""
         row = self._lookup(sid)
@@ -85,6 +112,7 @@ class Pool:
             for s, store in zip(self._states, self._store):
                 self._rows_view(s, store, row)[...] = 0
 
+    @exclusive(POOL)
     def get_state(self, sid: int) -> dict:
         """A copy of stream ``sid``'s state: {state input name: array with batch 1}."""
         row = self._lookup(sid)
@@ -94,10 +122,13 @@ class Pool:
                     for i, s in enumerate(self._states)}
         return {s.input: self._rows_view(s, store, row).copy() for s, store in zip(self._states, self._store)}
 
+    @exclusive(POOL)
     def set_state(self, sid: int, values: dict) -> None:
         """Overwrite stream ``sid``'s state (arrays with batch 1, checked exactly)."""
         row = self._lookup(sid)
         values = check_state(self._states, 1, values, "set_state()")
+        if self.check_finite:
+            refuse_nonfinite_state(values, "set_state()")
         if sid in self._resident:
             self._evict()
         for s, store in zip(self._states, self._store):
@@ -123,8 +154,17 @@ class Pool:
         x and y are as for a batch-1 ``Stream.step``: an array, or a dict by name for several
         inputs/outputs. Every x in one call must have the same shape (same chunk length).
         Streams not in ``inputs`` keep their state. Raises StepInputError (no state changed)
-        for a bad x or unknown id.
+        for a bad x or unknown id, NonFiniteError (no state changed) for NaN/inf,
+        ConcurrentUseError when another thread is in a call on this pool.
         """
+        if not self._busy.acquire(False):  # inline, not @exclusive: the per-step hot path
+            raise busy(POOL)
+        try:
+            return self._step(inputs)
+        finally:
+            self._busy.release()
+
+    def _step(self, inputs: dict) -> dict:
         if not isinstance(inputs, dict) or not inputs:
             raise StepInputError(f"pool.step() takes a non-empty dict {{stream id: input}}, got {inputs!r:.60}")
         ids = tuple(inputs)
@@ -139,9 +179,22 @@ class Pool:
         slot = engine.slot(key)
         for t, buf, col in zip(self._data, slot.in_bufs, columns):
             np.concatenate(col, axis=t.batch_axis, out=buf)
+        check = self.check_finite
+        if check and not all(finite(v, ones) for v, ones in slot.float_in):
+            rows = sorted({sid for t, buf in zip(self._data, slot.in_bufs) if t.dtype.kind == "f"
+                           for sid in bad_rows(buf, t.batch_axis, ids)})
+            refuse_nonfinite_inputs(self._data, slot.in_bufs, "pool.step()", f" of streams {rows}")
         engine.run(slot)
+        bad = engine.nonfinite_after_run(slot) if check else []
+        outputs = engine.host_outputs(slot)
+        if check and engine.on_cuda:  # on the host now: the check is cheap
+            bad = [t.name for t, v in zip(self._outputs, outputs) if v.dtype.kind == "f" and not all_finite(v)]
+        if bad:
+            rows = self._bad_streams(slot, outputs, ids)
+            engine.undo()
+            raise nonfinite_result("pool.step()", bad, f" of streams {rows}")
         results = []
-        for t, buf in zip(self._outputs, engine.host_outputs(slot)):
+        for t, buf in zip(self._outputs, outputs):
             # One copy for all streams, each getting a disjoint batch-1 view: the batch axis
             # moved to the front and a size-1 axis left in its place, split by list().
             ax = t.batch_axis
@@ -193,6 +246,17 @@ class Pool:
         self._shapes = ref
         return columns
 
+    def _bad_streams(self, slot, outputs: list, ids: tuple) -> list:
+        """The ids whose rows of the last run's outputs or new state hold NaN/inf (for messages)."""
+        found = set()
+        for t, v in zip(self._outputs, outputs):
+            if v.dtype.kind == "f":
+                found.update(bad_rows(v, t.batch_axis, ids))
+        for i, s in enumerate(self._states):
+            if np.dtype(s.dtype).kind == "f":
+                found.update(bad_rows(self._engine.get_one(i), s.batch_axis, ids))
+        return sorted(found)
+
     # --- rows ---------------------------------------------------------------------------------
 
     def _lookup(self, sid) -> int:
@@ -210,10 +274,11 @@ class Pool:
 
     def _grow(self) -> None:
         old = self._capacity
+        check_state_size(self._states, max(8, old * 2), f"pool.add() (stream {len(self._row) + 1})")
         self._capacity = max(8, old * 2)
         grown = []
         for s, store in zip(self._states, self._store):
-            new = np.zeros(s.shape_for(self._capacity), s.dtype)
+            new = s.zeros(self._capacity)
             self._rows_view(s, new, slice(0, old))[...] = store
             grown.append(new)
         self._store = grown

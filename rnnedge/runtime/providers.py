@@ -46,8 +46,13 @@ def parse_device(device: str) -> tuple[str, int]:
     raise UsageError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """Options for a step-wise session: ``threads`` intra-op threads (None: 1, 0: ORT's default)."""
+# onnxruntime's config key: the folder an in-memory graph's external data is read from.
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def session_options(threads: int | None, config: dict | None = None) -> ort.SessionOptions:
+    """Options for a step-wise session: ``threads`` intra-op threads (None: 1, 0: ORT's default),
+    plus ``config`` {key: value} session config entries."""
     if threads is None:
         threads = 1
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -57,6 +62,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1  # recurrent graphs are a chain: nothing to run in parallel
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return opts
 
 
@@ -88,10 +95,12 @@ def cuda_usable(device_id: int = 0) -> bool | None:
     return _cuda_usable.get(device_id)
 
 
-def create_session(source, device: str, threads: int | None) -> tuple[ort.InferenceSession, str]:
-    """(session, "cpu" or "cuda:N") for ``source`` (a path or serialized model bytes)."""
+def create_session(source, device: str, threads: int | None,
+                   config: dict | None = None) -> tuple[ort.InferenceSession, str]:
+    """(session, "cpu" or "cuda:N") for ``source`` (a path or serialized model bytes);
+    ``config``: session config entries (e.g. EXTERNAL_DATA_FOLDER)."""
     kind, device_id = parse_device(device)
-    opts = session_options(threads)
+    opts = session_options(threads, config)
     if kind == "cpu":
         return _session(source, opts, [CPU_EP]), "cpu"
 

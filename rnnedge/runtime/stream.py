@@ -2,24 +2,44 @@
 
 from __future__ import annotations
 
+import threading
+from math import isfinite
+
 import numpy as np
 
 from rnnedge.errors import StepInputError, UsageError
-from rnnedge.runtime.engine import Engine
+from rnnedge.runtime.engine import Engine, check_state_size
+from rnnedge.runtime.guards import (
+    all_finite,
+    busy,
+    exclusive,
+    nonfinite_result,
+    refuse_nonfinite_inputs,
+    refuse_nonfinite_state,
+)
 from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state, lengths_of
+
+STREAM = "this stream"
 
 
 class Stream:
     """Feeds ``batch`` independent sequences through the graph, carrying the state.
 
-    Made by ``Model.stream``. One stream is for one thread at a time; make one stream per
-    thread (they can share the Model).
+    Made by ``Model.stream``. One stream is for one thread at a time: a call while another
+    thread's call on the same stream is in progress raises ConcurrentUseError (never
+    loses a step); make one stream per thread (they can share the Model).
+
+    With ``check_finite`` (the default) a step refuses NaN/inf in its float inputs, and on
+    the CPU in its outputs and new state, with NonFiniteError and the state unchanged; on
+    CUDA outputs are checked when read, and the state (on the device) is not.
     """
 
-    def __init__(self, model, batch: int, data: tuple, constants: dict):
+    def __init__(self, model, batch: int, data: tuple, constants: dict, check_finite: bool = True):
         self.model = model
         self.batch = batch
+        self.check_finite = bool(check_finite)
         self._data = data
+        check_state_size(model.contract.states, batch, f"stream(batch={batch})")
         self._engine = Engine(model, batch, data, constants)
         self._single = len(data) == 1
         self._dtype = data[0].dtype if self._single else None
@@ -29,6 +49,7 @@ class Stream:
         # Sequence mode's per-row lengths are values to check on every call, not just shapes.
         self._lengths = lengths_of(model.contract, data)
         self._readable = None  # the slot whose outputs the last successful call left
+        self._busy = threading.Lock()  # held by the call in progress; never waited on
 
     @property
     def input_names(self) -> list[str]:
@@ -44,8 +65,20 @@ class Stream:
         several outputs a dict {name: array}. With ``read=False`` returns None and leaves
         the outputs where they are (on the device with CUDA) until ``read()``: for steps
         whose outputs the app does not need. Raises StepInputError (state untouched)
-        when ``x`` does not match the contract.
+        when ``x`` does not match the contract, NonFiniteError (a StepInputError; state
+        untouched) for NaN/inf, ConcurrentUseError when another thread is in a call.
         """
+        if not self._busy.acquire(False):  # inline, not @exclusive: the per-step hot path
+            raise busy(STREAM)
+        try:
+            return self._step(x, read)
+        finally:
+            self._busy.release()
+
+    __call__ = step
+
+    def _step(self, x, read: bool):
+        """``step`` with this stream's lock held (``run`` calls it once per chunk)."""
         slot = self._slot
         if self._single and type(x) is np.ndarray:
             if slot is None or x.shape != slot.key[0] or x.dtype != self._dtype:
@@ -62,6 +95,11 @@ class Stream:
                 check_lengths(arrays[at], arrays[timed].shape[axis], "step()")
             for buf, a in zip(slot.in_bufs, arrays):
                 buf[...] = a
+        check_finite = self.check_finite
+        if check_finite:  # the bound buffers: native, contiguous, whatever x was
+            for v, ones in slot.float_in:  # guards.finite, inlined: the hot path
+                if not isfinite(v.dot(ones)):
+                    refuse_nonfinite_inputs(self._data, slot.in_bufs, "step()")
         engine = self._engine
         try:
             if slot.out_bufs is None:
@@ -73,17 +111,36 @@ class Stream:
         except BaseException:
             self._readable = None  # the outputs may be half written
             raise
+        if check_finite:
+            for _, v, ones in slot.after[engine.parity]:
+                if not isfinite(v.dot(ones)):
+                    bad = engine.nonfinite_after_run(slot)  # the exact test, which names them
+                    if bad:
+                        engine.undo()
+                        self._readable = None
+                        raise nonfinite_result("step()", bad)
+                    break
         self._readable = slot
         if not read:
             return None
         if self._single_out and not engine.on_cuda:
             return slot.out_bufs[0].copy()
-        return self.read()
+        values = engine.host_outputs(slot)
+        if self.check_finite and engine.on_cuda:  # on the host now: the check is cheap
+            bad = [t.name for t, v in zip(engine.outputs, values)
+                   if v.dtype.kind == "f" and not all_finite(v)]
+            if bad:
+                engine.undo()
+                self._readable = None
+                raise nonfinite_result("step()", bad)
+        return values[0] if self._single_out else dict(zip(self._out_names, values))
 
-    __call__ = step
-
+    @exclusive(STREAM)
     def read(self):
-        """The last call's outputs as new host arrays (array, or dict for several)."""
+        """The last call's outputs as new host arrays (array, or dict for several).
+
+        Not checked for NaN/inf on CUDA (a step with ``read=False`` left them unchecked).
+        """
         if self._readable is None:
             raise UsageError("read(): no outputs to read: no step has run, or the last one failed")
         values = self._engine.host_outputs(self._readable)
@@ -97,6 +154,7 @@ class Stream:
         self._slot = slot
         return slot
 
+    @exclusive(STREAM)
     def run(self, x, chunk: int = 1):
         """Feed a long input along the time axis in chunks of ``chunk`` steps.
 
@@ -127,7 +185,7 @@ class Stream:
             for start in range(0, total, chunk):
                 feed = {t.name: a[(slice(None),) * t.time_axis + (slice(start, start + chunk),)]
                         for t, a in zip(self._data, arrays)}
-                y = self.step(feed)
+                y = self._step(feed, True)
                 outs = [y] if self._single_out else [y[n] for n in self._out_names]
                 for piece, out in zip(pieces, outs):
                     piece.append(out)
@@ -137,6 +195,7 @@ class Stream:
         joined = [np.concatenate(piece, axis=t.time_axis) for piece, t in zip(pieces, contract.outputs)]
         return joined[0] if self._single_out else dict(zip(self._out_names, joined))
 
+    @exclusive(STREAM)
     def reset(self, mask=None) -> None:
         """Zero the state of every row, or of the rows where ``mask`` (bool, (batch,)) is True."""
         if mask is None:
@@ -153,11 +212,16 @@ class Stream:
         self._engine.zero_rows(mask)
 
     @property
+    @exclusive(STREAM)
     def state(self) -> dict:
         """A copy of the state: {state input name: array shaped as the state for this batch}."""
         return self._engine.get_state()
 
     @state.setter
+    @exclusive(STREAM)
     def state(self, values: dict) -> None:
         # All checked before any is written, so a bad assignment changes nothing.
-        self._engine.set_state(check_state(self.model.contract.states, self.batch, values, "state"))
+        values = check_state(self.model.contract.states, self.batch, values, "state")
+        if self.check_finite:
+            refuse_nonfinite_state(values, "state")
+        self._engine.set_state(values)
