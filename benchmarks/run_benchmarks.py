@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -247,6 +248,16 @@ gate math costs ~0.45 µs per small node): docs/deploy.md.
 """
 
 
+def kept_sections(path: Path) -> str:
+    """The sections other scripts write into ``path`` between ``<!-- NAME: begin -->`` and
+    ``<!-- NAME: end -->`` markers (bench_triton.py, bench_conv_stream.py): kept as they are,
+    so that regenerating the main table does not erase their figures."""
+    if not path.exists():
+        return ""
+    blocks = re.finditer(r"<!-- ([\w-]+): begin -->.*?<!-- \1: end -->", path.read_text(), re.S)
+    return "".join("\n" + m.group(0) + "\n" for m in blocks)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="Markdown file to write.")
@@ -284,6 +295,7 @@ def main(argv=None) -> int:
     text = render(data, command, seconds, load)
     if precision is not None:
         text += PRECISION_INTRO + bench_precision.table(precision) + "\n"
+    text += kept_sections(args.out)
     args.out.write_text(text)
     print(text)
     if args.json:

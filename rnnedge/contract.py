@@ -19,11 +19,18 @@ import numpy as np
 
 from rnnedge.errors import ContractError
 
+#: The format a contract is written in: 1, or 2 where a format-1 reader would take a
+#: tensor's time axis wrongly (a tensor timed on another axis than ``time_axis``).
 FORMAT = 1
+FORMATS = (1, 2)  # the formats this version reads
+STATE_KINDS = ("carried", "internal")
 METADATA_KEY = "rnnedge"
 MODES = ("stream", "sequence")
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 INITS = ("zeros",)
+#: The state of stream graphs with ``latency`` > 0 that marks a stream's last call (flush):
+#: (batch, 1) float32, the zero frames appended past the stream's end (0 on other calls).
+FLUSH_STATE, FLUSH_STATE_OUT = "latency.flush0", "latency.flushn"
 #: The name, dtype and shape of sequence mode's optional per-row valid lengths input.
 LENGTHS = ("lengths", "int64", ("batch",))
 
@@ -36,12 +43,26 @@ class TensorSpec:
 
     range: for integer (token id) inputs, the half-open interval ``[low, high)`` of values
     the graph was proven on (an nn.Embedding's ``[0, num_embeddings)``); None when unknown.
+    constant: for data inputs, True when the input is constant per stream (e.g. an
+    attention decoder's encoder memory, (batch, 50, 512)): it has no time axis, and a
+    runtime feeds it once per stream (``constants=``) rather than with every call.
+    time_axis: this tensor's own time axis, or None (no time axis): by default the
+    position of "time" in ``shape`` (e.g. 2 for a (batch, 1, time, 80) input, 1 for its
+    (batch, time, 29) output). time_ratio: for outputs, the steps of this tensor per step
+    of the inputs (2 for an output that upsamples time by 2); 1 otherwise.
     """
 
     name: str
     dtype: str
     shape: Shape
     range: tuple[int, int] | None = None
+    constant: bool = False
+    time_axis: int | None = None
+    time_ratio: int = 1
+
+    def __post_init__(self):
+        if self.time_axis is None and "time" in self.shape:  # frozen: hence __setattr__
+            object.__setattr__(self, "time_axis", tuple(self.shape).index("time"))
 
     @property
     def batch_axis(self) -> int | None:
@@ -57,6 +78,12 @@ class TensorSpec:
         out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.range is not None:
             out["range"] = list(self.range)
+        if self.constant:  # written only when set: older readers see the same JSON as before
+            out["constant"] = True
+        if self.time_axis is not None:
+            out["time_axis"] = self.time_axis
+        if self.time_ratio != 1:
+            out["time_ratio"] = self.time_ratio
         return out
 
 
@@ -92,8 +119,18 @@ class StateSpec:
 class ExportSpec:
     """The whole graph contract.
 
-    parity: the gate's figures; writers add them once the gate has run (``metadata_json``).
+    parity: the gate's figures; writers add them once the gate has run (``metadata_json``):
+    max_abs, max_rel, cases, referee, ref_max_abs, eager_max_abs, min_length, max_length,
+    nan_propagates, and for reduced precisions their policy (docs/contract.md); read as given.
     source: what was exported (normally {"class", "torch"}); informational, any JSON value.
+    time_axis: the data inputs' time axis (that of the first timed input), None for a
+    graph that takes one step per call; each tensor's own is ``TensorSpec.time_axis``.
+    state: "carried" (the recurrent state is the graph's ``states``, carried between
+    calls) or "internal" (a sequence graph that starts every call from zeros inside: no
+    states).
+    chunk_multiple: stream graphs with strided ops along time (conv caches): every call
+    but a stream's last takes a multiple of this many steps (1: any). latency: the input
+    steps an output step comes after its own input step (0: none).
     """
 
     mode: str  # "stream" | "sequence"
@@ -104,6 +141,9 @@ class ExportSpec:
     opset: int
     source: dict = field(default_factory=dict)
     parity: dict = field(default_factory=dict)
+    state: str = "carried"
+    chunk_multiple: int = 1
+    latency: int = 0
 
     @property
     def data_inputs(self) -> tuple[TensorSpec, ...]:
@@ -115,12 +155,17 @@ class ExportSpec:
         return any(t.is_lengths for t in self.inputs)
 
     def time_axis_of(self, t: TensorSpec) -> int | None:
-        """The time axis of tensor ``t``, or None: ``time_axis`` where ``t`` has a dynamic,
-        non-batch axis there (so not for ``lengths`` (batch,), nor a fixed-size axis)."""
-        axis = self.time_axis
-        if axis is None or axis >= len(t.shape) or axis == t.batch_axis or isinstance(t.shape[axis], int):
-            return None
-        return axis
+        """The time axis of tensor ``t`` (its own ``time_axis``), or None."""
+        return t.time_axis
+
+    @property
+    def format(self) -> int:
+        """1, or 2 when a format-1 reader (which takes ``time_axis`` for every tensor)
+        would misread a tensor's own time axis."""
+        tensors = self.inputs + self.outputs
+        if self.chunk_multiple != 1 or self.latency:  # a format-1 reader would feed any chunk
+            return 2
+        return 1 if all(_global_time_axis(self.time_axis, t) == t.time_axis for t in tensors) else 2
 
     def zero_states(self, batch: int) -> dict:
         """{state input name: zeros} for a fresh call of ``batch`` rows."""
@@ -129,7 +174,7 @@ class ExportSpec:
     def metadata(self, parity: dict | None = None) -> dict:
         """The contract as a JSON-ready dict; ``parity`` replaces this spec's own figures."""
         return {
-            "format": FORMAT,
+            "format": self.format,
             "mode": self.mode,
             "inputs": [t.as_dict() for t in self.inputs],
             "outputs": [t.as_dict() for t in self.outputs],
@@ -138,6 +183,11 @@ class ExportSpec:
             "opset": self.opset,
             "source": dict(self.source) if isinstance(self.source, dict) else self.source,
             "parity": dict(self.parity if parity is None else parity),
+            # Written only when internal: a graph with carried state reads as before.
+            **({"state": self.state} if self.state != "carried" else {}),
+            # Written only when not the default: other graphs read as before.
+            **({"chunk_multiple": self.chunk_multiple} if self.chunk_multiple != 1 else {}),
+            **({"latency": self.latency} if self.latency else {}),
         }
 
     def metadata_json(self, parity: dict | None = None) -> str:
@@ -197,7 +247,15 @@ def _object(raw, where: str) -> dict:
     return raw
 
 
-def _tensor(raw, where: str) -> TensorSpec:
+def _global_time_axis(axis: int | None, t: TensorSpec) -> int | None:
+    """Format 1's rule for a tensor's time axis: the graph's ``time_axis`` where ``t`` has
+    a dynamic, non-batch axis there (so not for ``lengths`` (batch,), nor a fixed size)."""
+    if axis is None or axis >= len(t.shape) or axis == t.batch_axis or isinstance(t.shape[axis], int):
+        return None
+    return axis
+
+
+def _tensor(raw, where: str, graph_axis: int | None = None) -> TensorSpec:
     raw = _object(raw, where)
     name = _name(raw, "name", where)
     where = f"{where} {name!r}"
@@ -209,7 +267,22 @@ def _tensor(raw, where: str) -> TensorSpec:
         if not (isinstance(span, list) and len(span) == 2 and all(map(_is_int, span)) and span[0] < span[1]):
             raise _fail(f"{where}: 'range' must be [low, high] ints with low < high, got {span!r}")
         span = (span[0], span[1])
-    return TensorSpec(name, dtype, shape, span)
+    constant = raw.get("constant", False)
+    if not isinstance(constant, bool):
+        raise _fail(f"{where}: 'constant' must be true or false, got {constant!r}")
+    if constant and "time" in shape:
+        raise _fail(f"{where} is marked constant but has a time axis {list(shape)}")
+    if "time_axis" in raw:  # written per tensor since format 2's time: each its own
+        axis = raw["time_axis"]
+        if axis is not None and (not _is_int(axis) or not 0 <= axis < len(shape)
+                                 or _is_int(shape[axis]) or shape[axis] == "batch"):
+            raise _fail(f"{where}: time_axis {axis!r} is not a dynamic, non-batch axis of {list(shape)}")
+    else:  # older files: the graph's one time_axis, where the tensor has such an axis
+        axis = _global_time_axis(graph_axis, TensorSpec(name, dtype, shape))
+    ratio = raw.get("time_ratio", 1)
+    if not _is_int(ratio) or ratio < 1:
+        raise _fail(f"{where}: time_ratio must be an int >= 1, got {ratio!r}")
+    return TensorSpec(name, dtype, shape, span, constant, axis, ratio)
 
 
 def _state(raw, where: str) -> StateSpec:
@@ -248,10 +321,11 @@ def from_json(text: str) -> ExportSpec:
     if not isinstance(meta, dict):
         raise ContractError("the graph's rnnedge metadata must be a JSON object; re-export the model")
     fmt = meta.get("format")
-    if fmt != FORMAT or isinstance(fmt, bool):
+    if fmt not in FORMATS or isinstance(fmt, bool):
         raise ContractError(
-            f"the graph's rnnedge metadata has format {fmt!r}; this version reads format {FORMAT} "
-            "only: upgrade rnnedge or re-export the model with this version")
+            f"the graph's rnnedge metadata has format {fmt!r}; this version reads formats "
+            f"{' and '.join(map(str, FORMATS))} only: upgrade rnnedge or re-export the model "
+            "with this version")
     missing = [key for key in _REQUIRED if key not in meta]
     if missing:
         raise _fail(f"it lacks {', '.join(map(repr, missing))}")
@@ -267,8 +341,8 @@ def from_json(text: str) -> ExportSpec:
     for key in ("inputs", "outputs", "states"):
         if not isinstance(meta[key], list):
             raise _fail(f"{key!r} must be a list, got {meta[key]!r}")
-    inputs = tuple(_tensor(t, "input") for t in meta["inputs"])
-    outputs = tuple(_tensor(t, "output") for t in meta["outputs"])
+    inputs = tuple(_tensor(t, "input", time_axis) for t in meta["inputs"])
+    outputs = tuple(_tensor(t, "output", time_axis) for t in meta["outputs"])
     states = tuple(_state(s, "state") for s in meta["states"])
     _unique([t.name for t in inputs] + [s.input for s in states], "input")
     _unique([t.name for t in outputs] + [s.output for s in states], "output")
@@ -276,4 +350,15 @@ def from_json(text: str) -> ExportSpec:
     if not isinstance(parity, dict):
         raise _fail(f"'parity' must be an object, got {parity!r}")
     source = meta.get("source", {})
-    return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity))
+    state = meta.get("state", "carried")
+    if state not in STATE_KINDS or (state == "internal" and (states or mode != "sequence")):
+        raise _fail(f"'state' must be one of {STATE_KINDS} (internal: a sequence graph without "
+                    f"states), got {state!r}")
+    steps = {}
+    for key, low in (("chunk_multiple", 1), ("latency", 0)):
+        value = meta.get(key, low)
+        if not _is_int(value) or value < low:
+            raise _fail(f"{key!r} must be an int >= {low}, got {value!r}")
+        steps[key] = value
+    return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity), state,
+                      **steps)

@@ -28,7 +28,7 @@ def test_export_pickled_module_with_trust(cli, tmp_path, tiny_lstm_file):
     out = tmp_path / "out.onnx"
     result = cli("export", tiny_lstm_file, "-o", out, "--input-shape", "batch,time,6", "--trust-pickle")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith(f"wrote {out} (") and "parity 12 cases passed" in result.stdout
+    assert result.stdout.startswith(f"wrote {out} (") and "parity 13 cases passed" in result.stdout
     assert ortref.contract(out)["inputs"][0]["shape"] == ["batch", "time", 6]
 
 
@@ -195,7 +195,7 @@ def test_inspect_table_and_json(cli, tmp_path, tiny_lstm_file):
     assert cli("export", tiny_lstm_file, "-o", out, "--input-shape", "batch,time,6", "--trust-pickle").exit_code == 0
     table = cli("inspect", out)
     assert table.exit_code == 0
-    for text in ("stream mode", "h0", "-> hn", "c0", "-> cn", "(2, batch, 10)", "parity: 12 cases"):
+    for text in ("stream mode", "h0", "-> hn", "c0", "-> cn", "(2, batch, 10)", "parity: 13 cases"):
         assert text in table.stdout
     as_json = json.loads(cli("inspect", out, "--json").stdout)
     assert as_json == ortref.contract(out)
@@ -219,7 +219,7 @@ def test_inspect_errors(cli, tmp_path):
 @pytest.mark.parametrize("meta,pattern", [
     ("[1, 2]", "must be a JSON object"),
     ('{"format": 1, "mode": "stream"}', "malformed"),
-    ('{"format": 2}', "format 2"),
+    ('{"format": 3}', "format 3"),
     ("{not json", "not valid JSON"),
 ])
 def test_inspect_refuses_malformed_metadata(cli, tmp_path, tiny_lstm_file, meta, pattern):

@@ -21,6 +21,7 @@ USAGE = {  # command -> the first line of its --help ("" is the root)
     "verify": "Usage: rnnedge verify [OPTIONS] GRAPH",
     "bench": "Usage: rnnedge bench [OPTIONS] GRAPH",
     "demo": "Usage: rnnedge demo [OPTIONS]",
+    "serve": "Usage: rnnedge serve [OPTIONS] MODEL.onnx",
 }
 
 

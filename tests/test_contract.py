@@ -79,7 +79,7 @@ _DROP = object()
 
 
 @pytest.mark.parametrize("change,message", [
-    (_set(["format"], 2), "has format 2; this version reads format 1"),
+    (_set(["format"], 3), "has format 3; this version reads formats 1 and 2"),
     (_set(["format"], True), "format True"),
     (_set(["inputs"], _DROP), "lacks 'inputs'"),
     (_set(["opset"], _DROP), "lacks 'opset'"),

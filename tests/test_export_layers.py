@@ -175,8 +175,9 @@ def test_graph_structure_and_metadata(tmp_path, model, example, mode):
                          "source", "parity"}
     assert meta["source"]["class"].endswith(type(model).__name__)
     assert meta["source"]["torch"] == torch.__version__
-    assert meta["parity"] == {"max_abs": report.max_abs, "max_rel": report.max_rel,
-                              "cases": len(report.cases)}
+    parity = {"max_abs": report.max_abs, "max_rel": report.max_rel, "cases": len(report.cases)}
+    assert {k: meta["parity"][k] for k in parity} == parity
+    assert meta["parity"]["referee"] == "float64"  # a PyTorch layer runs in float64
     graph_inputs = [i.name for i in proto.graph.input]
     graph_outputs = [o.name for o in proto.graph.output]
     assert graph_inputs == [i["name"] for i in meta["inputs"]] + [s["input"] for s in meta["states"]]

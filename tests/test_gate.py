@@ -24,6 +24,7 @@ import rnnedge
 from rnnedge import gate
 from rnnedge.errors import ParityError
 from rnnedge.exporters.verify import raise_on_failure, verify
+from rnnedge.gate.cases import chunk_spans
 from tests.conftest import TINY_GRU
 
 torch.set_num_threads(1)  # tiny models: threads only add noise and contention
@@ -282,8 +283,6 @@ def test_every_length_is_in_range(tiny_gru, mode, low, high, lengths):
     for c in cases:
         assert span.low <= c.length <= span.high
         if c.chunks:  # every call, last chunk included, within range too
-            from rnnedge.gate.cases import chunk_spans
-
             sizes = [b - a for a, b in chunk_spans(c.length, c.chunks, c.least)]
             assert all(span.low <= n for n in sizes), sizes
 

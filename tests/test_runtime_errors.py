@@ -150,7 +150,7 @@ def with_meta(change) -> bytes:
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda m: m.update(format=2), "format 2; this version reads format 1 only"),
+    (lambda m: m.update(format=3), "format 3; this version reads formats 1 and 2 only"),
     (lambda m: m.pop("format"), "format None"),
     (lambda m: "{not json", "not valid JSON"),
     (lambda m: "[1, 2]", "must be a JSON object"),

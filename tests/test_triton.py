@@ -278,8 +278,8 @@ def test_cli_writes_repository(cli, tmp_path):
                  "--triton-repo", str(tmp_path / "repo"))
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"wrote {out} (") and "parity 12 cases passed" in lines[0]
-    assert lines[1].startswith("wrote Triton model 'lstm' to ") and "12 cases passed" in lines[1]
+    assert lines[0].startswith(f"wrote {out} (") and "parity 13 cases passed" in lines[0]
+    assert lines[1].startswith("wrote Triton model 'lstm' to ") and "13 cases passed" in lines[1]
     assert f"tritonserver --model-repository {tmp_path / 'repo'}" in lines[1]
     assert parse_config(tmp_path / "repo" / "lstm").name == "lstm"
 

@@ -143,11 +143,11 @@ def check_outputs(graph_path, model_path, arch, json_path, plot_path) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw latency per step vs chunk per engine to this PNG (needs rnnedge[plot]).")
 def command(graph_path, device, batch, chunk, steps, max_time, threads, engines, model_path, arch,
-            arch_kwargs, trust_pickle, input_shape, input_dtype, json_path, plot_path):
+            arch_kwargs, trust_pickle, input_shape, input_dtype, inputs, json_path, plot_path):
     """Measure GRAPH's latency per step: the rnnedge stream, a plain onnxruntime loop, and
     eager PyTorch (--against), with the weight-bandwidth floor of this machine.
 
-    --input-shape defaults to the graph's input.
+    --input-shape (--input) defaults to the graph's inputs.
     """
     import warnings
 
@@ -159,20 +159,26 @@ def command(graph_path, device, batch, chunk, steps, max_time, threads, engines,
     check_outputs(graph_path, model_path, arch, json_path, plot_path)
     if plot_path:
         require_matplotlib()  # fail before minutes of measuring, not after
-    if not model_path and (arch or input_shape):
-        raise UsageError("--arch/--input-shape describe the --against model; pass --against MODEL too")
-    module = axes = None
+    if not model_path and (arch or input_shape or inputs):
+        raise UsageError("--arch/--input-shape/--input describe the --against model; pass --against MODEL too")
+    from rnnedge.cli.common import InputOptions
+
+    parsed = InputOptions.parse(input_shape, input_dtype, inputs)
+    module = axes = dtypes = None
     with progress_bar() as update, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model_path:
-            from rnnedge.loaders import load_model, parse_input_shape
+            from rnnedge.loaders import load_model
 
             update(0, None, f"loading {model_path}")
             module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-            axes = parse_input_shape(input_shape) if input_shape else None
+            if parsed.specs:  # in forward order, --input names checked against forward
+                tensors, axes, _ = parsed.example(module)
+                dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+                axes, dtypes = (axes[0], dtypes[0]) if len(axes) == 1 else (axes, dtypes)
         report = benchmark(graph_path, module=module, batches=batches, chunks=chunks, steps=steps,
                            threads=threads, device=device, engines=names, max_seconds=max_time,
-                           input_axes=axes, input_dtype=input_dtype if axes else None, progress=update)
+                           input_axes=axes, input_dtype=dtypes, progress=update)
     for w in caught:
         if "rnnedge" in str(w.message):
             click.echo(f"note: {str(w.message).removeprefix('rnnedge: ')}", err=True)

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from rnnedge.cli.common import (
+    InputOptions,
+    check_constants,
     human_size,
     load_with_example,
     model_options,
@@ -74,9 +76,20 @@ def check_paths(model_path, output, arch, triton_repo, triton_name) -> None:
               help="The fewest time steps the model takes: every probe and gate length is at least this.")
 @click.option("--max-length", type=int, default=None, metavar="STEPS",
               help="The longest run the gate proves (default: 2000 whole in sequence mode, 1000 streamed in stream mode).")
-def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, input_dtype,
+@click.option("--constant", "constants", metavar="NAME", multiple=True,
+              help="An --input that is constant per stream (e.g. an attention memory): no time "
+                   "axis; the runtime takes it once per stream (constants=). Repeatable.")
+@click.option("--state-arg", metavar="NAME", default=None,
+              help="The name of forward's state parameter of a step-protocol module (default: "
+                   "found from the signature).")
+@click.option("--state", "state", type=click.Choice(["carried", "none"]), default="carried",
+              show_default=True,
+              help="none: a sequence graph that starts every call from zero state inside, with "
+                   "no state inputs/outputs (--mode sequence; chosen by itself when a layer runs "
+                   "over chunks folded into the batch).")
+def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, input_dtype, inputs,
             mode, opset, atol, rtol, quantize, precision, triton_repo, triton_name,
-            triton_backend, min_length, max_length):
+            triton_backend, min_length, max_length, constants, state_arg, state):
     """Export MODEL to a stateful step-wise ONNX graph, proven equal to eager PyTorch."""
     from rnnedge.errors import UsageError
     from rnnedge.exporters import export
@@ -89,16 +102,19 @@ def command(model_path, output, arch, arch_kwargs, trust_pickle, input_shape, in
     from rnnedge.gate.lengths import check_length_range
 
     check_length_range(min_length, max_length)  # a usage error before loading anything
+    parsed = InputOptions.parse(input_shape, input_dtype, inputs)
+    check_constants(constants, parsed)
     for label, value in (("--atol", atol), ("--rtol", rtol)):
         if value is not None:
             check_tolerance(label, value)
     with progress_status() as status:
-        module, example, axes = load_with_example(
-            model_path, arch, arch_kwargs, trust_pickle, input_shape, input_dtype, status)
+        module, example, axes, names = load_with_example(
+            model_path, arch, arch_kwargs, trust_pickle, parsed, status)
         status("exporting")
         report = export(module, output, example_input=example, mode=mode, opset=opset,
-                        atol=atol, rtol=rtol, input_axes=[axes],
-                        progress=status,
+                        atol=atol, rtol=rtol, input_axes=axes, input_names=names,
+                        constants=constants, state_arg=state_arg,
+                        states="internal" if state == "none" else "carried", progress=status,
                         precision=precision, triton_repo=triton_repo, triton_name=triton_name,
                         min_length=min_length, max_length=max_length,
                         triton_backend=triton_backend)

@@ -87,6 +87,10 @@ def command(graph_path: Path, as_json: bool):
                       f"-> {s.output} (batch axis {s.batch_axis}, init {s.init})")
     console = Console(width=120)
     console.print(table)
+    caches = [s.input for s in spec.states if s.input.endswith(".cache0")]
+    if caches or spec.chunk_multiple != 1 or spec.latency:
+        console.print(f"streaming: chunks of a multiple of {spec.chunk_multiple} steps, latency "
+                      f"{spec.latency} steps, {len(caches)} conv cache state(s)")
     source, parity = spec.source, spec.parity
     if isinstance(source, dict):
         console.print(f"source: {source.get('class')} (torch {source.get('torch')})")

@@ -7,7 +7,7 @@ import math
 
 import click
 
-from rnnedge.cli.common import model_options, progress_status
+from rnnedge.cli.common import InputOptions, model_options, progress_status
 from rnnedge.limits import check_tolerance
 
 DEVICES = click.Choice(["cpu", "cuda", "auto"])
@@ -62,17 +62,19 @@ def print_report(report, console=None) -> None:
               help="The fewest time steps the model takes: every probe and gate length is at least this.")
 @click.option("--max-length", type=int, default=None, metavar="STEPS",
               help="The longest run the gate proves (default: 2000 whole in sequence mode, 1000 streamed in stream mode).")
+@click.option("--state-arg", metavar="NAME", default=None,
+              help="The name of forward's state parameter of a step-protocol module (as for export).")
 def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape, input_dtype,
-            device, atol, rtol, as_json, min_length, max_length):
+            inputs, device, atol, rtol, as_json, min_length, max_length, state_arg):
     """Re-run the parity gate of GRAPH against MODEL and print the error per case and tensor.
 
     The plan (eager reference, seeded inputs) is rebuilt from MODEL; the gate runs on
-    GRAPH's own bytes. --input-shape defaults to the graph's input. Exit 1 on any miss.
+    GRAPH's own bytes. --input-shape (--input) defaults to the graph's inputs. Exit 1 on any miss.
     """
     import warnings
 
     from rnnedge.exporters.verify import raise_on_failure, verify
-    from rnnedge.loaders import load_model, parse_input_shape
+    from rnnedge.loaders import load_model
 
     for label, value in (("--atol", atol), ("--rtol", rtol)):  # before loading anything
         if value is not None:
@@ -80,15 +82,20 @@ def command(graph_path, model_path, arch, arch_kwargs, trust_pickle, input_shape
     from rnnedge.gate.lengths import check_length_range
 
     check_length_range(min_length, max_length)
+    parsed = InputOptions.parse(input_shape, input_dtype, inputs)
     with progress_status(not as_json) as status, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         status(f"loading {model_path}")
         module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
-        axes = parse_input_shape(input_shape) if input_shape else None
-        report = verify(graph_path, module, input_axes=axes, input_dtype=input_dtype if axes else None,
+        example = axes = None
+        if parsed.specs:
+            tensors, axes, _ = parsed.example(module)  # --input names checked against forward
+            example = tensors[0] if len(tensors) == 1 else tensors
+        report = verify(graph_path, module, example_input=example,
+                        input_axes=axes if axes is None or len(axes) > 1 else axes[0],
                         atol=atol, rtol=rtol, device=device, source=str(model_path),
                         progress=lambda case: status(f"parity gate: {case}"),
-                        min_length=min_length, max_length=max_length)
+                        min_length=min_length, max_length=max_length, state_arg=state_arg)
     for w in caught:  # e.g. device=auto falling back to the CPU: one line, not a traceback
         if "rnnedge" in str(w.message):
             click.echo(f"note: {str(w.message).removeprefix('rnnedge: ')}", err=True)

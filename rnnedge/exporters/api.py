@@ -4,21 +4,22 @@
     plan_graph         the float32 graph and its eager reference (``layers`` for a bare
                        layer, else ``models``)
     convert            to the precision asked for (``rnnedge.precision``)
-    check              the full ONNX check; the serialized graph
+    check              the full ONNX check; the serialized graph (or a staged file's path)
     prove              the parity gate on it (``rnnedge.gate``): a ``Proof``
     prepare_targets    every file to write, built and proven: the Triton repository (its
                        batch-first variant gated too, ``rnnedge.triton``), then the graph
                        file with its metadata
     write              each target put in place, both or neither
 
-``pipeline`` calls the stages in that order, one call each.
+``pipeline`` calls the stages in that order, one call each, inside ``external.staging``:
+a bare layer's graph over the threshold is built with its weights in a data file staged
+beside the destination, checked and gated by path, and renamed into place with it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +27,13 @@ import onnx
 
 from rnnedge import gate
 from rnnedge import precision as precision_mod
-from rnnedge.errors import ExportError, ParityError, UsageError
+from rnnedge.errors import ExportError, ParityError, UsageError, first_line
 from rnnedge.exporters.inference import inference_mode
 from rnnedge.exporters.layers import STACKS, is_layer, plan_layer
 from rnnedge.exporters.layers import input_axes as layer_axes
 from rnnedge.exporters.options import MODES, ExportOptions
-from rnnedge.files import write_bytes_atomic, write_error
-from rnnedge.graphs.external import check_model_size, needs_external_data, write_with_external_data
+from rnnedge.exporters.targets import Target, Written, write
+from rnnedge.graphs import external
 from rnnedge.graphs.metadata import write_metadata
 from rnnedge.loaders.integrity import check_finite_weights
 
@@ -78,19 +79,30 @@ def graph_summary(model: onnx.ModelProto, size: int) -> dict:
 
 
 def make_plan(model, example_input, mode: str, opset: int, lengths: bool | None,
-              input_axes: list | None = None, min_length: int | None = None):
+              input_axes: list | None = None, min_length: int | None = None, *,
+              input_names=None, constants=(), state_arg: str | None = None,
+              max_length: int | None = None, states: str = "carried"):
     """Choose how ``model`` is exported; returns a ``gate.Plan``. min_length: the fewest
-    time steps the model takes (the planner's probes are at least that long)."""
+    time steps the model takes (the planner's probes are at least that long). input_names,
+    constants, state_arg: as for ``export`` (whole models only)."""
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if is_layer(model):
         if input_axes is not None:
             check_axes(type(model).__name__, [layer_axes(model)], input_axes)
+        if (input_names is not None and list(input_names) != ["input"]) or constants \
+                or state_arg is not None:
+            raise UsageError("input_names, constants and state_arg are for whole models; a bare "
+                             f"{type(model).__name__} takes one input named 'input'")
+        if states != "carried":
+            raise UsageError(f"states='internal' is for whole models; a bare {type(model).__name__} "
+                             "always carries its state (h0/c0 inputs, zeros to start from zero)")
         return plan_layer(model, example_input, mode, opset, lengths)
     from rnnedge.exporters.models import plan_model  # torch.onnx machinery: only when needed
 
     return plan_model(model, example_input, mode, opset, lengths, input_axes=input_axes,
-                      min_length=min_length)
+                      min_length=min_length, input_names=input_names, constants=constants,
+                      state_arg=state_arg, max_length=max_length, states=states)
 
 
 def check_axes(what: str, expected: list, given: list) -> None:
@@ -108,11 +120,14 @@ def check_graph(model: onnx.ModelProto) -> bytes:
     """Full ONNX check (with strict shape inference); returns the serialized model."""
     try:
         onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - ValidationError, InferenceError, and others
+        # torch.export and the ONNX translation succeeded; onnx's own check did not.
+        stage = "shape inference" if "Inference" in type(exc).__name__ else "checker"
+        first = first_line(exc, limit=300)
         raise ExportError(
-            f"the generated graph is not valid ONNX ({first}); this is an rnnedge bug: "
-            "please report it with the model"
+            f"torch.export and the ONNX translation succeeded, but the graph fails onnx's "
+            f"{stage} ({type(exc).__name__}: {first}); nothing was written: please report it "
+            "with the model"
         ) from exc
     return model.SerializeToString()
 
@@ -135,6 +150,10 @@ def export(
     min_length: int | None = None,
     max_length: int | None = None,
     triton_backend: str = "onnxruntime",
+    input_names: list | None = None,
+    constants: list | tuple = (),
+    state_arg: str | None = None,
+    states: str = "carried",
 ) -> ExportReport:
     """Export ``model`` to a stateful step-wise ONNX graph at ``path``, proven by the gate.
 
@@ -161,6 +180,19 @@ def export(
         (default: 1 to 2000 steps whole in sequence mode, 1000 streamed in stream mode; see
         docs/exporter.md, "What the gate proves"); a model that needs at least 1000 samples
         exports with min_length=1000.
+    input_names: the data inputs' graph names, one per tensor of example_input (e.g.
+        forward's parameter names: ["x", "memory"]); default ``input`` / ``input.0``, ...
+    constants: names of data inputs that are constant per stream (e.g. an attention
+        decoder's ``memory``): no time axis; the contract marks them ``"constant": true``,
+        the gate holds them fixed over a stream and the runtime takes them once per stream
+        (``model.stream(batch, constants={...})``).
+    state_arg: the name of forward's state parameter of a step-protocol module (default:
+        found from the signature).
+    states: "carried" (default: each recurrent layer's state is a graph input and output)
+        or "internal" (sequence mode, models whose forward takes only the inputs: every
+        call starts from zero state inside the graph, no state inputs/outputs; chosen by
+        itself in sequence mode when a layer's batch is not the model's, e.g. chunks of
+        time folded into the batch). The contract says which (``"state": "internal"``).
     Raises UsageError for bad arguments (before any work), UnsupportedModelError,
     ExportError, and ParityError when the graph differs from eager PyTorch; nothing is
     written then.
@@ -169,8 +201,10 @@ def export(
         mode=mode, opset=opset, atol=atol, rtol=rtol, lengths=lengths, input_axes=input_axes,
         precision=precision, triton_repo=triton_repo, triton_name=triton_name, progress=progress,
         min_length=min_length, max_length=max_length, triton_backend=triton_backend,
+        input_names=input_names, constants=constants, state_arg=state_arg, states=states,
     ).with_destination(path)
-    check_model_size(model)  # over 2 GiB of weights: refused now, not after minutes of work
+    # Over 2 GiB of weights on a route that cannot take them: refused now, not after minutes.
+    external.check_model_size(model, is_layer(model), options.precision, options.triton_repo)
     check_finite_weights(model)  # NaN/inf weights named as such, not as a failed gate
     with inference_mode(model):  # dropout off meanwhile; every module's own flag back after
         return pipeline(model, path, example_input, options)
@@ -179,12 +213,13 @@ def export(
 def pipeline(model, path: str | os.PathLike, example_input, options: ExportOptions) -> ExportReport:
     """The export pipeline for checked ``options`` (see ``ExportOptions.with_destination``)."""
     note = options.progress or (lambda text: None)
-    plan = plan_graph(model, example_input, options, note)
-    graph, fp32_bytes = convert(plan, options, note)
-    data = check(graph, note)
-    proof = prove(plan, data, options, note)
-    targets = prepare_targets(path, plan, graph, proof, options, note)
-    written = write(targets)
+    with external.staging(path) as stage:  # removed on the way out: committed or failed
+        plan = plan_graph(model, example_input, options, note)
+        graph, fp32_bytes = convert(plan, options, note, stage)
+        data = check(graph, note, stage)
+        proof = prove(plan, data, options, note)
+        targets = prepare_targets(path, plan, graph, proof, options, note, stage)
+        written = write(targets)
     return report(plan, graph, fp32_bytes, proof, targets, written, options)
 
 
@@ -212,20 +247,29 @@ def plan_graph(model, example_input, options: ExportOptions, note: Note):
     if lengths is None:
         lengths = options.mode == "sequence" and isinstance(model, STACKS)
     return make_plan(model, example_input, options.mode, options.opset, lengths,
-                     options.input_axes, options.min_length)
+                     options.input_axes, options.min_length, input_names=options.input_names,
+                     constants=options.constants, state_arg=options.state_arg,
+                     max_length=options.max_length, states=options.states)
 
 
-def convert(plan, options: ExportOptions, note: Note) -> tuple[onnx.ModelProto, int]:
-    """(the graph in ``options.precision``, the float32 graph's size in bytes)."""
-    fp32_bytes = len(plan.graph.SerializeToString())
+def convert(plan, options: ExportOptions, note: Note,
+            stage: external.Stage | None = None) -> tuple[onnx.ModelProto, int]:
+    """(the graph in ``options.precision``, the float32 graph's size in bytes, external
+    data included)."""
+    fp32_bytes = external.total_size(plan.graph)
+    if stage is not None and (options.precision != "fp32" or options.triton_repo is not None):
+        external.inline_staged(plan.graph, stage)  # they rewrite one in-memory protobuf
     if options.precision != "fp32":
         note(f"converting to {options.precision}")
     return precision_mod.convert(plan.graph, options.precision), fp32_bytes
 
 
-def check(graph: onnx.ModelProto, note: Note) -> bytes:
-    """The full ONNX check; the serialized graph the gate runs."""
+def check(graph: onnx.ModelProto, note: Note, stage: external.Stage | None = None) -> bytes | Path:
+    """The full ONNX check; the serialized graph the gate runs, or the staged graph's path
+    when its weights are in a staged data file (a session opened on it finds them)."""
     note("checking the graph")
+    if stage is not None and external.has_external_data(graph):
+        return external.check_staged(graph, stage)
     return check_graph(graph)
 
 
@@ -241,8 +285,9 @@ class Proof:
     summary: dict  # the metadata's "parity" entry
 
 
-def prove(plan, data: bytes, options: ExportOptions, note: Note) -> Proof:
-    """Run the parity gate on ``data``; ParityError on a failed case."""
+def prove(plan, data: bytes | Path, options: ExportOptions, note: Note) -> Proof:
+    """Run the parity gate on ``data`` (bytes, or a staged graph's path); ParityError on a
+    failed case."""
     dtype = plan.spec.outputs[0].dtype if plan.spec.outputs else "float32"
     policy = gate.policy_for(options.precision, dtype, options.atol, options.rtol,
                              min_length=options.min_length, max_length=options.max_length)
@@ -266,42 +311,24 @@ def _gate(plan, data, policy, providers, device, progress):
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Target:
-    """One thing to write, built and proven. kind: "graph" (the graph file at ``path``)
-    or "triton" (the model folder ``name`` in the repository at ``path``)."""
-
-    kind: str
-    path: Path
-    data: bytes  # the serialized model; b"" when its weights go to external data
-    model: onnx.ModelProto | None = None  # graph: with its metadata, for external data
-    name: str = ""  # Triton: the model's name (its folder)
-    config: str = ""  # Triton: config.pbtxt
-    cases: list = field(default_factory=list)  # Triton: its own gate results
-    extra: dict = field(default_factory=dict)  # Triton: more files, {relative path: bytes}
-
-
-@dataclass(frozen=True)
-class Written:
-    path: Path  # the graph file, or the Triton model folder
-    size: int  # bytes written (the graph file and its external data; 0 for Triton)
-
-
 def prepare_targets(path, plan, graph: onnx.ModelProto, proof: Proof, options: ExportOptions,
-                    note: Note) -> list[Target]:
+                    note: Note, stage: external.Stage | None = None) -> list[Target]:
     """Every target, in write order: the Triton repository first (when asked), the graph
     file last, so that a graph file that cannot be written rolls the repository back."""
     targets = []
     if options.triton_repo is not None:
         targets.append(triton_target(plan, graph, proof, options, note))
-    targets.append(graph_target(path, plan, graph, proof))
+    targets.append(graph_target(path, plan, graph, proof, stage))
     return targets
 
 
-def graph_target(path, plan, graph: onnx.ModelProto, proof: Proof) -> Target:
+def graph_target(path, plan, graph: onnx.ModelProto, proof: Proof,
+                 stage: external.Stage | None = None) -> Target:
     write_metadata(graph, plan.spec.metadata_json(proof.summary))
-    external = needs_external_data(graph)  # weights then go to PATH.data (graphs/external.py)
-    return Target("graph", Path(path), b"" if external else graph.SerializeToString(), graph)
+    if stage is not None and external.has_external_data(graph):  # its data is staged
+        return Target("graph", Path(path), b"", graph, stage=stage)
+    big = external.needs_external_data(graph)  # weights then go to PATH.data (graphs/external.py)
+    return Target("graph", Path(path), b"" if big else graph.SerializeToString(), graph)
 
 
 def triton_target(plan, graph: onnx.ModelProto, proof: Proof, options: ExportOptions,
@@ -336,44 +363,3 @@ def triton_target(plan, graph: onnx.ModelProto, proof: Proof, options: ExportOpt
                                                  prove=prove_variant)
     return Target("triton", options.triton_repo, data, name=options.triton_name,
                   config=config, cases=cases)
-
-
-def write(targets: list[Target]) -> dict[str, Written]:
-    """Put every target in place, in order, both or neither: each is staged in one
-    ExitStack, so a failure of a later one rolls back the earlier ones."""
-    written = {}
-    with contextlib.ExitStack() as stack:
-        for target in targets:
-            written[target.kind] = stack.enter_context(PUT[target.kind](target))
-    return written
-
-
-@contextlib.contextmanager
-def _put_triton(target: Target) -> Iterator[Written]:
-    from rnnedge.triton import repository as triton
-
-    staged = contextlib.ExitStack()
-    try:
-        folder = staged.enter_context(
-            triton.staged_repository(target.path, target.name, target.data, target.config,
-                                     extra=target.extra))
-    except OSError as exc:  # a full disk: one line, exit 2, nothing left behind
-        raise write_error(target.path, exc) from None
-    with staged:  # rolled back if a later target cannot be put in place
-        yield Written(folder, 0)
-
-
-@contextlib.contextmanager
-def _put_graph(target: Target) -> Iterator[Written]:
-    # An atomic rename (of both files with external data): nothing is left to roll back,
-    # which is why the graph file is the last target.
-    if target.data:
-        write_bytes_atomic(target.path, target.data)
-        size = len(target.data)
-    else:
-        size = write_with_external_data(target.path, target.model)
-    yield Written(target.path, size)
-
-
-#: How each kind of target is put in place: a context manager yielding ``Written``.
-PUT = {"triton": _put_triton, "graph": _put_graph}

@@ -25,6 +25,7 @@ bidirectional layer.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,9 +35,10 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import StateSpec
 from rnnedge.errors import ParityError, UnsupportedModelError
-from rnnedge.exporters import trace
+from rnnedge.exporters import temporal, trace
+from rnnedge.exporters.conv_cache import Caches
 from rnnedge.exporters.inputs import Input, resize
-from rnnedge.exporters.stepping import PROTOCOL, StepState, split_step
+from rnnedge.exporters.stepping import PROTOCOL, StepState, call_step, split_step
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Form:
     state_specs: list[StateSpec]
     run: Callable  # (inputs tuple, states list) -> flat outputs (data outputs, then states)
     trace_ctx: Callable  # () -> context manager to trace under
+    chunk_multiple: int = 1  # stream chunks hold a multiple of this many steps (strides)
+    latency: int = 0  # input steps the streamed outputs come late by (look-ahead convs)
 
 
 # ---------------------------------------------------------------------------
@@ -62,22 +66,42 @@ class _StepWrapper(nn.Module):
         self._state = state  # a plain object: not a Module
 
     def forward(self, *flat):
-        out = self.model(*flat[: self.n_inputs], self._state.build(flat[self.n_inputs:]))
+        out = call_step(self.model, flat[: self.n_inputs], self._state.build(flat[self.n_inputs:]),
+                        self._state.arg)
         ys, st = split_step(out, "forward(x, state)")
         return (*_tensor_leaves(ys, "forward's output"), *_tensor_leaves(st, "forward's state"))
 
 
+class _InternalWrapper(nn.Module):
+    """The model as is: each layer starts from zeros (or what the model gives it) inside."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *flat):
+        return tuple(_tensor_leaves(self.model(*flat), "forward's output"))
+
+
 class _LiftWrapper(nn.Module):
-    def __init__(self, model: nn.Module, ctx: trace.Context, n_inputs: int):
+    def __init__(self, model: nn.Module, ctx: trace.Context, n_inputs: int,
+                 caches: Caches | None = None):
         super().__init__()
         self.model = model
         self.n_inputs = n_inputs
         self._ctx = ctx  # a plain object: not a Module
+        self._caches = caches  # the temporal ops' caches (conv_cache), after the layers' states
+        self._n_layer_states = sum(len(layer.state_shapes()) for layer in ctx.layers)
 
     def forward(self, *flat):
-        self._ctx.begin(flat[self.n_inputs:])
+        states = flat[self.n_inputs:]
+        self._ctx.begin(states[: self._n_layer_states])
+        if self._caches is not None:
+            self._caches.begin(states[self._n_layer_states:])
         out = self.model(*flat[: self.n_inputs])
         finals = self._ctx.end()
+        if self._caches is not None:
+            finals += self._caches.end()
         return (*_tensor_leaves(out, "forward's output"), *finals)
 
 
@@ -183,7 +207,47 @@ def _bidirectional(layer: trace.Layer) -> UnsupportedModelError:
     )
 
 
-def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> Form:
+def _foreign_batch(ctx: trace.Context, model, inputs: list[Input], probe_x):
+    """The first called layer that runs over a whole multiple of the model's batch (e.g.
+    DPRNN's intra-chunk BLSTM over batch*chunks), the same multiple at the probe's batch
+    and one more; else None. A layer batch that does not follow the model's at all is a
+    wrongly taken batch axis, which the lifted run reports."""
+    batch = int(probe_x[0].shape[inputs[0].axes.index("batch")])
+    seen = []
+    try:
+        for b in (batch, batch + 1):
+            x = tuple(resize(t, info.axes.index("batch"), b) for t, info in zip(probe_x, inputs))
+            try:
+                probe_model(ctx, model, x)
+            except Exception:  # noqa: BLE001 - not at this batch: other checks say why
+                return None
+            seen.append({layer.path: layer.record.batches for layer in ctx.layers})
+        for layer in ctx.layers:
+            at_b, at_next = seen[0][layer.path], seen[1][layer.path]
+            if len(at_b) == 1 and len(at_next) == 1:
+                (n1,), (n2,) = at_b, at_next
+                if n1 % batch == 0 and n1 // batch > 1 and n2 == n1 // batch * (batch + 1):
+                    return layer
+        return None
+    finally:
+        probe_model(ctx, model, probe_x)  # leave the records of the example's own run
+
+
+def internal_form(model, ctx: trace.Context) -> Form:
+    """Sequence graphs without carried state: the model as is, no state inputs/outputs."""
+    wrapper = _InternalWrapper(model)
+
+    def run(x, states):
+        with torch.no_grad(), ctx.installed():
+            return wrapper(*x)
+
+    return Form(wrapper, [], run, lambda: ctx.installed(tracing=True))
+
+
+def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
+              states: str = "carried") -> Form:
+    """The lifted form; with ``states="internal"`` (or, in sequence mode, a layer whose
+    batch is not the model's) the model as is, without carried state (``internal_form``)."""
     what = type(model).__name__
     probe_model(ctx, model, probe_x)
     called = [layer for layer in ctx.layers if layer.record.calls]
@@ -193,6 +257,18 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> 
             f"({', '.join(repr(layer.path) for layer in ctx.layers)}); {PROTOCOL}"
         )
     ctx.layers = called
+    if states == "carried":
+        foreign = _foreign_batch(ctx, model, inputs, probe_x)
+        if foreign is not None and mode == "stream":
+            raise UnsupportedModelError(
+                f"layer {foreign.path!r} ({trace.kind_name(foreign.module)}) runs over a batch "
+                f"of {sorted(foreign.record.batches)} rows where the model's batch is "
+                f"{int(probe_x[0].shape[inputs[0].axes.index('batch')])} (e.g. chunks of time "
+                "folded into the batch), so its state cannot be carried from call to call; "
+                "export with mode='sequence' (its state then stays inside the graph)"
+            )
+        if foreign is not None:
+            states = "internal"
     repeated = [layer for layer in called if layer.record.calls > 1]
     if repeated:
         found = _loop(ctx, lambda x: probe_model(ctx, model, x), inputs, probe_x)
@@ -203,12 +279,16 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> 
                 f"times for {probe_x[k].shape[axis]} steps along axis {axis} of "
                 f"{inputs[k].name}"))
         layer = repeated[0]
+        if states == "internal":
+            return internal_form(model, ctx)  # one layer called on several pieces: fine
         raise UnsupportedModelError(
             f"layer {layer.path!r} ({trace.kind_name(layer.module)}) is called "
             f"{layer.record.calls} times per forward(); rnnedge carries one state per layer, "
             "so each layer must run once per call: use separate layers, or write the model as "
             "a step-protocol module forward(x, state) -> (output, state)"
         )
+    if states == "internal":
+        return internal_form(model, ctx)
     for layer in called:
         if layer.record.nonzero_state:
             raise UnsupportedModelError(
@@ -224,10 +304,47 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode) -> 
     for layer in called:
         for (i, o), shape in zip(layer.state_names(), layer.state_shapes()):
             specs.append(StateSpec(i, o, "float32", shape, layer.batch_axis()))
-    wrapper = _LiftWrapper(model, ctx, len(inputs))
+    caches, multiple = None, 1
+    if mode == "stream" and any("time" in i.axes for i in inputs):
+        # Convolutions/pooling along time stream with their input's last frames as a cache.
+        ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
+                                         probe_x)
+        if ops:
+            caches = Caches(model, ops)
+            specs += caches.specs()
+    wrapper = _LiftWrapper(model, ctx, len(inputs), caches)
+
+    @contextlib.contextmanager
+    def installed(tracing: bool):
+        with ctx.installed(lift=True, tracing=tracing):
+            with caches.installed() if caches is not None else contextlib.nullcontext():
+                yield
 
     def run(x, states):
-        with torch.no_grad(), ctx.installed(lift=True):
+        with torch.no_grad(), installed(False):
             return wrapper(*x, *states)
 
-    return Form(wrapper, specs, run, lambda: ctx.installed(lift=True, tracing=True))
+    latency = 0
+    if caches is not None and caches.flush is not None:
+        # Look-ahead convs stream late: the reference is a whole stream, i.e. one flush call.
+        batch = next(int(x.shape[i.axes.index("batch")]) for i, x in zip(inputs, probe_x)
+                     if "batch" in i.axes)
+        zeros = [torch.zeros(s.shape_for(batch), dtype=torch.float32) for s in specs]
+        temporal.latencies(caches, lambda x: run(x, zeros)[: -len(specs)], inputs, probe_x)
+        latency = caches.latency
+        run = _flushed(run, inputs, latency)
+    return Form(wrapper, specs, run, lambda: installed(True), multiple, latency)
+
+
+def _flushed(run: Callable, inputs: list[Input], latency: int) -> Callable:
+    """``run`` as one flush call: ``latency`` zero steps appended to every timed input and
+    the flush state (the last state) set to them, so the outputs are the model's own."""
+    def call(x, states):
+        x = tuple(x if "time" not in i.axes else
+                  torch.cat([x, torch.zeros_like(resize(x, i.axes.index("time"), latency))],
+                            dim=i.axes.index("time"))
+                  for i, x in zip(inputs, x))
+        states = [*states[:-1], torch.full_like(states[-1], float(latency))]
+        return run(x, states)
+
+    return call

@@ -10,7 +10,10 @@ nn.RNN/LSTM/GRU, inputs are ``(batch, time, ...)`` if the first one is batch_fir
 ``(time, batch, ...)`` (kept only if forward runs at another length); otherwise (cells
 only, or plain code) an input is ``(batch, fixed...)`` and the graph takes one step per
 call (``time_axis`` null). Every data input must have a batch axis; ``time`` is dynamic
-and the gate streams it in chunks. Traced examples are tiled to batch >= 2 and time >= 3
+and the gate streams it in chunks. Each input has its own time axis (its position of
+"time", or none), and the timed inputs share their number of steps. An int64 (batch,)
+input that forward packs its sequences with is renamed ``lengths`` (``packed``) and
+sampled full length (the gate draws per-row lengths itself). Traced examples are tiled to batch >= 2 and time >= 3
 so that no dynamic size is specialised.
 """
 
@@ -40,6 +43,7 @@ class Input:
     axes: tuple
     low: int = 0  # integer inputs: sampled in [low, high)
     high: int = 0
+    constant: bool = False  # constant per stream (no time axis), e.g. an attention memory
 
     def shape(self, batch: int, time: int | None) -> tuple:
         return tuple(batch if a == "batch" else time if a == "time" else a for a in self.axes)
@@ -47,7 +51,7 @@ class Input:
     def spec(self) -> TensorSpec:
         # Token ids: the contract records the range the gate sampled (the vocabulary).
         span = (self.low, self.high) if self.dtype.startswith("int") and self.high > self.low else None
-        return TensorSpec(self.name, self.dtype, self.axes, span)
+        return TensorSpec(self.name, self.dtype, self.axes, span, self.constant)
 
 
 def example_tuple(example_input) -> tuple[torch.Tensor, ...]:
@@ -73,6 +77,38 @@ def example_tuple(example_input) -> tuple[torch.Tensor, ...]:
 
 def numbered_names(base: str, n: int) -> list[str]:
     return [base] if n == 1 else [f"{base}.{i}" for i in range(n)]
+
+
+def data_names(input_names, n: int) -> list[str]:
+    """The data inputs' graph names: ``input_names`` (e.g. forward's parameter names, as
+    ``--input NAME=...`` gives them) checked, else ``input`` / ``input.0``, ``input.1``, ..."""
+    if input_names is None:
+        return numbered_names("input", n)
+    names = list(input_names)
+    if len(names) != n or not all(isinstance(x, str) and x for x in names):
+        raise UsageError(f"input_names must be {n} non-empty string(s), one per data input, got "
+                         f"{names!r}")
+    # Other graph names: states "state" / "state.N" (lifted ones hold a dot, which a
+    # parameter name cannot), outputs "output" / "output.N".
+    taken = [x for x in names if x.partition(".")[0] in ("state", "output")]
+    if len(set(names)) != n or taken:
+        raise UsageError(f"input_names must be distinct and not a state's or output's name "
+                         f"(state, state.N, output, output.N), got {names!r}")
+    return names
+
+
+def mark_constants(inputs: list[Input], constants) -> None:
+    """Mark the inputs named in ``constants`` as constant per stream (no time axis)."""
+    names = [i.name for i in inputs]
+    for name in constants or ():
+        if name not in names:
+            raise UsageError(f"constants names {name!r}, which is not a data input; the data "
+                             f"inputs are {names}")
+        info = inputs[names.index(name)]
+        if "time" in info.axes:
+            raise UsageError(f"input {name!r} is marked constant but has a time axis "
+                             f"{info.axes}; a constant is fed once per stream: give it fixed sizes")
+        info.constant = True
 
 
 def given_axes(input_axes, examples) -> list[tuple]:
@@ -111,9 +147,8 @@ def given_axes(input_axes, examples) -> list[tuple]:
                 "one 'time' axis"
             )
         out.append(tuple(fixed))
-    times = {a.index("time") for a in out if "time" in a}
-    if len(times) > 1:
-        raise UsageError("the 'time' axis must be at the same position in every input")
+    # Each input has its own time axis (a (batch, 1, time, F) spectrogram and a (batch,
+    # time) mask may go together); they share the number of steps (example_sizes).
     return out
 
 
@@ -195,7 +230,9 @@ def make_sample(inputs: list[Input]):
         out = {}
         for info in inputs:
             shape = info.shape(batch, time)
-            if info.dtype.startswith("int"):
+            if info.name == "lengths" and shape == (batch,):  # packed sequences: full rows
+                out[info.name] = np.full(batch, 1 if time is None else time, np.int64)
+            elif info.dtype.startswith("int"):
                 out[info.name] = rng.integers(info.low, info.high, size=shape).astype(info.dtype)
             else:
                 out[info.name] = rng.standard_normal(shape).astype(info.dtype)

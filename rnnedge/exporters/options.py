@@ -38,6 +38,12 @@ class ExportOptions:
     filled in by ``with_destination``). progress: called with a short text per stage.
     min_length, max_length: the range of time steps the planner's probes and the parity
     gate use (None: the gate's defaults, rnnedge.gate.lengths); positive ints, min <= max.
+    input_names: the data inputs' graph names, one per data input in forward order (None:
+    ``input`` / ``input.N``). constants: names of data inputs constant per stream (no time
+    axis; the contract marks them). state_arg: the name of forward's state parameter of a
+    step-protocol module (None: found from the signature). states: "carried" (each
+    layer's state a graph input/output) or "internal" (sequence mode only: every call
+    starts from zero state inside the graph; no state inputs/outputs).
     """
 
     mode: str = "stream"
@@ -53,6 +59,10 @@ class ExportOptions:
     progress: Callable[[str], None] | None = None
     min_length: int | None = None
     max_length: int | None = None
+    input_names: tuple | None = None
+    constants: tuple = ()
+    state_arg: str | None = None
+    states: str = "carried"
 
     def __post_init__(self):
         # Normalised values replace the given ones: the instance is frozen, hence __setattr__.
@@ -65,6 +75,20 @@ class ExportOptions:
             value = getattr(self, label)
             if value is not None:  # inf would pass any graph, NaN none: both refused
                 check_tolerance(label, value)
+        for label in ("input_names", "constants"):
+            value = getattr(self, label)
+            if value is None:
+                continue
+            if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
+                raise UsageError(f"{label} must be a list of input names, got {value!r}")
+            object.__setattr__(self, label, tuple(value))
+        if self.state_arg is not None and not (isinstance(self.state_arg, str) and self.state_arg):
+            raise UsageError(f"state_arg must be a parameter name, got {self.state_arg!r}")
+        if self.states not in ("carried", "internal"):
+            raise UsageError(f"states must be 'carried' or 'internal', got {self.states!r}")
+        if self.states == "internal" and self.mode != "sequence":
+            raise UsageError("states='internal' (--state none) needs mode='sequence': a stream "
+                             "carries its state from call to call")
         if self.progress is not None and not callable(self.progress):
             raise UsageError(f"progress must be a function of one text, got {type(self.progress).__name__}")
         if self.triton_backend not in ("onnxruntime", "python"):

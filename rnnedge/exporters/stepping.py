@@ -32,6 +32,14 @@ from rnnedge.errors import UnsupportedModelError, first_line
 from rnnedge.exporters.inputs import resize
 
 INIT_METHODS = ("init_hidden", "init_state", "init_states", "initHidden")
+#: Names of forward's state parameter, bound by name (never by position): RNN-T's
+#: predictor is forward(input, lengths, state).
+STATE_PARAMS = ("state", "states", "hidden", "hx", "h", "carry", "hidden_state", "h0")
+
+
+class StepProbeError(UnsupportedModelError):
+    """A step-protocol forward failed or was not deterministic while its state was being
+    found: the model's own fault, reported rather than taken as "not a step module"."""
 # Eager-vs-eager check (lifted state at zero vs the model's own forward): same math.
 SELF_ATOL, SELF_RTOL = 1e-6, 1e-5
 
@@ -51,6 +59,7 @@ class StepState:
     shapes: list[tuple]  # with "batch" at the batch axis
     batch_axes: list[int]
     names: list[tuple[str, str]]
+    arg: str | None = None  # forward's state parameter, passed by keyword; None: last
 
     def zeros(self, batch: int) -> list[torch.Tensor]:
         return [torch.zeros([batch if d == "batch" else d for d in s]) for s in self.shapes]
@@ -74,6 +83,33 @@ def positional_params(model: nn.Module) -> tuple[int | None, int]:
         return None, sum(p.kind in kinds and p.default is p.empty for p in params)
     pos = [p for p in params if p.kind in kinds]
     return len(pos), sum(p.default is p.empty for p in pos)
+
+
+def state_param(model: nn.Module, state_arg: str | None = None) -> str | None:
+    """The name of forward's state parameter: ``state_arg`` when given, else a parameter
+    named like a state (``STATE_PARAMS``) or annotated as one (its annotation's text names
+    "state"/"hidden"); None when there is none (the state then follows the inputs)."""
+    if state_arg is not None:
+        return state_arg
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for p in params:
+        if p.name in STATE_PARAMS:
+            return p.name
+    for p in params:
+        text = str(p.annotation).lower() if p.annotation is not p.empty else ""
+        if "state" in text or "hidden" in text:
+            return p.name
+    return None
+
+
+def call_step(model: nn.Module, inputs, state, arg: str | None):
+    """``model(*inputs, state)``, the state bound to forward's parameter ``arg`` by name."""
+    if arg is None:
+        return model(*inputs, state)
+    return model(*inputs, **{arg: state})
 
 
 def init_method(model: nn.Module):
@@ -150,6 +186,8 @@ def discover_state(model, batch_probe) -> StepState:
                     raise UnsupportedModelError(f"{name}() nests its state differently at batch 2 and 3")
                 _check_zero(s2, f"{name}(2)")
                 axes = _batch_axes(s2, s3, 2, 3, f"{name}(batch_size)")
+                _check_deterministic(batch_probe, "forward(x, state)",
+                                     lambda: pytree.tree_unflatten(list(s2), spec))
             else:
                 s1, spec = _leaves(_call_init(fn, name), f"{name}()")
                 _check_zero(s1, f"{name}()")
@@ -176,6 +214,7 @@ def discover_state(model, batch_probe) -> StepState:
                     )
         else:
             what = "forward(x, None)"
+            _check_deterministic(batch_probe, what)
             _, st2 = split_step(batch_probe(2, None), what)
             _, st3 = split_step(batch_probe(3, None), what)
             s2, spec = _leaves(st2, f"the state {what} returns")
@@ -234,3 +273,41 @@ def looks_like_step(out) -> bool:
         return False
     leaves = pytree.tree_leaves(out[-1])
     return bool(leaves) and all(isinstance(t, torch.Tensor) for t in leaves)
+
+
+def check_state_arg(model: nn.Module, state_arg: str) -> None:
+    """Refuse (UsageError) a ``state_arg`` (``--state-arg``) that is not a parameter of
+    forward. (Binding the state to it by name is this module's state discovery.)"""
+    from rnnedge.errors import UsageError
+
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return  # no signature to check against (a builtin): the first run tells
+    if state_arg not in params:
+        raise UsageError(f"state_arg {state_arg!r} is not a parameter of "
+                         f"{type(model).__name__}.forward, which takes ({', '.join(params)}); "
+                         "pass the name of its state parameter")
+
+
+def _check_deterministic(batch_probe, what: str, state=lambda: None) -> None:
+    """StepProbeError when two runs of ``what`` on the same input (at batch 2, from
+    ``state()``) differ (dropout with training=True, random ops): no graph equals such a
+    model."""
+    # Each run gets its own copy of the state: a model may update it in place (acc += h).
+    def fresh():
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state())
+
+    first = pytree.tree_leaves(batch_probe(2, fresh()))
+    again = pytree.tree_leaves(batch_probe(2, fresh()))
+    worst = max((float((a - b).abs().max()) for a, b in zip(first, again)
+                 if isinstance(a, torch.Tensor) and a.shape == b.shape and a.is_floating_point()),
+                default=0.0)
+    if worst > 0 or len(first) != len(again):
+        raise StepProbeError(
+            f"{what} gives different results on the same input (by up to {worst:.3g}): the "
+            "step-protocol forward is not deterministic (e.g. F.dropout(x, training=True) or "
+            "other random ops, which model.eval() does not turn off); no graph can equal it: "
+            "make dropout follow self.training (nn.Dropout, or F.dropout(x, "
+            "training=self.training))"
+        )

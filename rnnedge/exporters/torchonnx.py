@@ -1,12 +1,17 @@
 """Driving torch.onnx.export (dynamo) over a patched model, and the graph it gives.
 
-``export_onnx`` runs torch.onnx.export with ``trace.translations`` (one fused ONNX node
+``export_onnx`` runs torch.onnx.export with ``translations.translations`` (one fused ONNX node
 per recurrent layer), quiet; lifts constants to initializers and drops metadata; refuses
 a graph with non-standard operators; converts down to an opset below 18 (torch.onnx
 builds at >= 18). When torch.export fixes a dynamic axis to the example's size it raises
 ``Specialized`` (which graph input, which axis, at what size) so that the caller can say
-which axis of which input was fixed. ``dim_values`` / ``set_shape`` read and declare the
-graph's input and output shapes.
+which axis of which input was fixed. When it merely *bounds* one (a range such as
+``VR[2, 12]``, from Python arithmetic on the length: the graph is then right inside the
+range only), ``check_ranges`` refuses the graph, naming the bound and torch's own guard
+(re-exported with named ``torch.export.Dim``s, which makes torch explain it). Failures
+say which step failed: tracing (torch.export), the ONNX translation (with the aten op), or
+onnx's conversion. ``dim_values`` / ``set_shape`` read and declare the graph's input and
+output shapes.
 
 Modules: ``trace`` (the custom ops and the patched layers), this one (the torch.onnx run).
 """
@@ -19,6 +24,7 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import onnx
 import onnx.version_converter
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 from rnnedge.errors import ExportError, RnnedgeError
-from rnnedge.exporters.trace import translations
+from rnnedge.exporters.translations import translations
 
 IR_VERSION = 10  # what the exporter writes; runtimes lag behind onnx
 
@@ -84,12 +90,58 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+# torch.onnx's error classes (torch/onnx/_internal/exporter/_errors.py), matched by name:
+# the module is private. ConversionError and its subclasses: the ONNX translation failed.
+_TRANSLATION_ERRORS = ("ConversionError", "DispatchError", "GraphConstructionError")
+_TARGET = re.compile(r"target=torch\.ops\.([\w.]+)|No ONNX function found for <OpOverload\(op='([\w.]+)', "
+                     r"overload='(\w+)'")
+
+
+def failure(exc: BaseException, what: str) -> ExportError:
+    """The one-line ExportError for a failed torch.onnx.export: which step failed (tracing
+    by torch.export, or the ONNX translation, with the aten op torch names) and why."""
+    chain = _chain(exc)
+    names = {type(e).__name__ for e in chain}
+    if names & set(_TRANSLATION_ERRORS):
+        op = None
+        for e in chain:
+            found = _TARGET.search(str(e))
+            if found:
+                op = found.group(1) or f"{found.group(2)}.{found.group(3)}"
+                break
+        at = f" at {op}" if op else ""
+        return ExportError(
+            f"torch.export traced {what}, but the ONNX translation failed{at} "
+            f"({_first_line(exc)}); torch.onnx has no ONNX translation for that operation "
+            "here: compute it with other tensor ops in forward(), or keep it outside the "
+            "exported model"
+        )
+    return ExportError(
+        f"torch.export could not trace {what} ({_first_line(exc)}); make forward() "
+        "traceable by torch.export (no Python control flow on tensor values, no "
+        "numpy/.item() calls), or write the model as a step-protocol module "
+        "forward(x, state) -> (output, state)"
+    )
+
+
 def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, output_names,
-                opset: int, what: str) -> onnx.ModelProto:
+                opset: int, what: str, max_length: int | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) with rnnedge's translations, cleaned up; ExportError on failure.
 
-    The wrapper's forward takes ``*flat`` tensors. torch.onnx builds at opset >= 18; an
-    older opset is reached with onnx's version converter afterwards.
+    The wrapper's forward takes ``*flat`` tensors; ``dynamic_shapes`` is ``(({axis: name},
+    ...),)``, one dict per flat tensor. torch.onnx builds at opset >= 18; an older opset is
+    reached with onnx's version converter afterwards. max_length: the longest time the
+    graph must take (the gate's); a dynamic axis torch.export bounded below it (a batch axis:
+    bounded at all) is an ExportError (``check_ranges``).
     """
     import onnx_ir
     import onnx_ir.passes.common as passes
@@ -112,12 +164,10 @@ def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, ou
             size, index, axis = (int(g) for g in fixed.groups())
             raise Specialized(f"tracing fixed axis {axis} of input {index} at {size}",
                               index, axis, size) from exc
-        raise ExportError(
-            f"torch.onnx.export could not trace {what} ({_first_line(exc)}); make forward() "
-            "traceable by torch.export (no Python control flow on tensor values, no "
-            "numpy/.item() calls), or write the model as a step-protocol module "
-            "forward(x, state) -> (output, state)"
-        ) from exc
+        raise failure(exc, what) from exc
+    exported = getattr(program, "exported_program", None)
+    if exported is not None:
+        check_ranges(exported, wrapper, args, dynamic_shapes, input_names, what, max_length)
     model = program.model
     for p in (passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
               passes.DeduplicateInitializersPass(size_limit=1 << 40),
@@ -139,8 +189,9 @@ def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, ou
             proto = onnx.version_converter.convert_version(proto, opset)
         except Exception as exc:  # noqa: BLE001 - the converter raises plain RuntimeErrors
             raise ExportError(
-                f"onnx could not convert the graph of {what} to opset {opset} "
-                f"({_first_line(exc)}); leave the opset out for the default (18)"
+                f"torch.export and the ONNX translation of {what} succeeded, but onnx could "
+                f"not convert the graph to opset {opset} ({_first_line(exc)}); leave the "
+                "opset out for the default (18)"
             ) from exc
     got = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
     if got != {opset}:
@@ -173,3 +224,151 @@ def set_shape(vi: onnx.ValueInfoProto, shape) -> None:
             dim.dim_param = d
         else:
             dim.dim_value = int(d)
+
+
+# ---------------------------------------------------------------------------
+# Range constraints: an axis torch.export bounded (Python arithmetic on a size)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A dynamic axis torch.export bounded: graph input ``name``'s ``axis`` (``label``:
+    "batch" or "time") only takes ``low``..``high``."""
+
+    name: str
+    axis: int
+    label: str
+    low: int
+    high: int | None  # None: bounded below only
+
+    @property
+    def range_text(self) -> str:
+        return f"VR[{self.low}, {self.high}]"
+
+
+def ranges(exported, dynamic_shapes) -> list[tuple[int, int, str, object, object]]:
+    """(flat input index, axis, axis name, lower, upper) of every dynamic axis, read from
+    the exported program's user-input placeholders (their SymInt sizes) and its
+    ``range_constraints``; an axis whose size is an expression or a constant is skipped."""
+    dyn = list(dynamic_shapes[0]) if dynamic_shapes else []
+    user = list(exported.graph_signature.user_inputs)
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    out = []
+    for index, (axes, name) in enumerate(zip(dyn, user)):
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if val is None or not axes:
+            continue
+        for axis, label in axes.items():
+            size = val.shape[axis]
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            vr = exported.range_constraints.get(expr) if expr is not None else None
+            if vr is not None:
+                out.append((index, axis, str(label), vr.lower, vr.upper))
+    return out
+
+
+def bounds(exported, dynamic_shapes, input_names, max_length: int | None) -> list[Bound]:
+    """The dynamic axes bounded above: a batch axis at any finite size, a time axis below
+    ``max_length`` (None: any finite bound)."""
+    import sympy
+
+    found = []
+    for index, axis, label, lower, upper in ranges(exported, dynamic_shapes):
+        if not isinstance(upper, sympy.Integer):  # int_oo: unbounded
+            continue
+        high = int(upper)
+        if label == "time" and max_length is not None and high >= max_length:
+            continue
+        low = int(lower) if isinstance(lower, sympy.Integer) else 0
+        found.append(Bound(input_names[index], axis, label, low, high))
+    return found
+
+
+_VIOLATED = re.compile(r"Constraints violated \(([^)]*)\)")
+_WHERE = re.compile(r"L\['flat'\]\[(\d+)\]\.size\(\)\[(\d+)\]")
+_FIX = re.compile(r"^(\w+) = (?:(\d+)|Dim\('\w+'(?:, min=(\d+))?(?:, max=(\d+))?\))$")
+
+
+def named_export(wrapper: nn.Module, args: tuple, dynamic_shapes):
+    """(torch.export.export's program or None, its constraint-violation text or "") for
+    ``wrapper`` with named Dims ("batch", "time") and torch's default size handling.
+
+    torch.onnx captures with ``backed_size_oblivious``, under which Python arithmetic on a
+    size (math.ceil(T / 4)) is silently traced at the example's value; named Dims make
+    torch.export check every guard on them and name the one that does not hold for all
+    sizes. Any other failure gives (None, ""): torch.onnx's own capture succeeded."""
+    dims = {"batch": torch.export.Dim("batch"), "time": torch.export.Dim("time")}
+    named = tuple({axis: dims.get(str(a), torch.export.Dim.AUTO) for axis, a in axes.items()}
+                  for axes in dynamic_shapes[0])
+    try:
+        with _quiet():
+            return torch.export.export(wrapper, tuple(args), dynamic_shapes=(named,),
+                                       strict=False), ""
+    except Exception as exc:  # noqa: BLE001 - only a constraint violation is a verdict
+        text = str(exc)
+        return None, (text if _VIOLATED.search(text) else "")
+
+
+def violation_bound(text: str, input_names, max_length: int | None) -> tuple[Bound, str]:
+    """(the bound, torch's guard line) read from a constraint-violation ``text``."""
+    lines = [ln.strip().removeprefix("- ").strip() for ln in text.splitlines()]
+    labels = [x.strip() for x in _VIOLATED.search(text).group(1).split(",")]
+    label = "time" if "time" in labels else labels[0]
+    guards = [ln for ln in lines if ln.startswith("Not all values of")]
+    # The guard that bounds the axis rather than the range it implies ("2 <= ... <= 12").
+    guard = next((g for g in guards if f"{label} =" in g and " <= " not in g.rsplit("guard", 1)[-1]),
+                 guards[0] if guards else "")
+    where = _WHERE.search(guard) or _WHERE.search(text)
+    index, axis = (int(where.group(1)), int(where.group(2))) if where else (0, -1)
+    low, high = 0, None
+    for line in lines:
+        fix = _FIX.match(line)
+        if fix and fix.group(1) == label:
+            if fix.group(2):
+                low = high = int(fix.group(2))
+            else:
+                low, high = int(fix.group(3) or 2), (int(fix.group(4)) if fix.group(4) else None)
+            break
+    name = input_names[index] if index < len(input_names) else f"input {index}"
+    return Bound(name, axis, label, low, high), guard.rstrip(".")[:300]
+
+
+def check_ranges(exported, wrapper: nn.Module, args: tuple, dynamic_shapes, input_names,
+                 what: str, max_length: int | None) -> None:
+    """Refuse a graph whose batch or time axis torch.export bounded or fixed (ExportError):
+    the graph would be right inside the bound only (e.g. padding to a length computed in
+    Python). Read from torch.onnx's program, then from a named-Dim torch.export run."""
+    found = bounds(exported, dynamic_shapes, input_names, max_length)
+    guard = ""
+    if not found:
+        program, violation = named_export(wrapper, args, dynamic_shapes)
+        if violation:
+            bound, guard = violation_bound(violation, input_names, max_length)
+            # A guard that only excludes some sizes (e.g. a padding of zero: T % 4 != 0)
+            # bounds nothing: the gate's lengths cover both sides of it.
+            found = [bound] if bound.high is not None else []
+        elif program is not None:
+            found = bounds(program, dynamic_shapes, input_names, max_length)
+    if not found:
+        return
+    bound = found[0]
+    unit = "steps" if bound.label == "time" else "rows"
+    axis = f" (axis {bound.axis})" if bound.axis >= 0 else ""
+    if bound.high is None:
+        extent = f"to at least {bound.low} {unit}"
+    elif bound.high == bound.low:
+        extent = f"at {bound.high} {unit}"
+    else:
+        extent = f"to at most {bound.high} {unit} ({bound.range_text})"
+    below = (f", below the {max_length} steps rnnedge proves" if bound.label == "time"
+             and max_length and bound.high is not None else "")
+    says = f"; torch says: {guard}" if guard else ""
+    raise ExportError(
+        f"torch.export bounded the {bound.label} axis{axis} of {bound.name} {extent}{below} "
+        f"while tracing {what}, so the graph would be right at those sizes only{says}; "
+        "typically Python arithmetic on the length (math.ceil(T / 4), int(T * r), a float "
+        "division) that torch.export can only trace for some lengths: compute it with integer "
+        "arithmetic on the size ((T + 3) // 4 * 4) or tensor ops, or export with fixed sizes "
+        "(no 'time' in input_axes / --input-shape); nothing was written"
+    )

@@ -20,8 +20,9 @@ State lifting (models whose forward takes only the input): the wrapper hands eac
 layer's initial state to its ``LayerCall`` through a plain ``Slot`` (not a Module) and
 collects the final state from it; the layer then ignores any state the model passes.
 
-Modules: this one (the custom ops, their translations, the patched layers), ``torchonnx``
-(running torch.onnx.export with these translations, and the graph it gives).
+Modules: this one (the custom ops and the patched layers), ``translations`` (how
+torch.onnx translates the ops), ``torchonnx`` (running torch.onnx.export with these
+translations, and the graph it gives).
 """
 
 from __future__ import annotations
@@ -30,12 +31,10 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from rnnedge.errors import UnsupportedModelError, UsageError
-from rnnedge.graphs.emit import emit_cell, emit_stack
 from rnnedge.recurrent import CELLS, STACKS
 
 # Modules being exported, by the int the custom ops carry. Filled per export, then emptied.
@@ -54,6 +53,11 @@ def _layer(layer: int) -> nn.Module:
         return _REGISTRY[layer]
     except KeyError:
         raise RuntimeError(f"rnnedge layer {layer} is not registered (export finished?)") from None
+
+
+def registered(layer: int) -> nn.Module:
+    """The module a custom op's ``layer`` int stands for (``packed``'s ops use it too)."""
+    return _layer(layer)
 
 
 def _run_stack(m: nn.Module, x: Tensor, hx):
@@ -116,65 +120,6 @@ def _(x, h0, c0, layer):
 
 
 # ---------------------------------------------------------------------------
-# Translation: emit.py through onnxscript
-# ---------------------------------------------------------------------------
-
-
-class OnnxscriptBuilder:
-    """The ``GraphBuilder`` interface emit.py uses, over an onnxscript opset module.
-
-    Used inside a custom translation, where onnxscript records the ops into the graph
-    torch.onnx.export builds: values are onnxscript's symbolic tensors, not names.
-    """
-
-    def __init__(self, opset: int):
-        import onnxscript
-
-        self.opset = max(opset, 18)  # torch.onnx builds at >= 18 and converts down after
-        self._op = getattr(onnxscript, f"opset{self.opset}")
-
-    def op(self, op_type: str, inputs, *, n_out: int = 1, hint: str | None = None, **attrs):
-        args = [None if isinstance(v, str) and v == "" else v for v in inputs]
-        result = getattr(self._op, op_type)(*args, **attrs)
-        if n_out == 1:
-            return result[0] if isinstance(result, (tuple, list)) else result
-        return list(result)[:n_out]
-
-    def const(self, array: np.ndarray, hint: str):
-        import onnx_ir
-
-        return self._op.Constant(value=onnx_ir.tensor(np.ascontiguousarray(array), name=hint))
-
-    def ints(self, values, hint: str = "ints"):
-        return self.const(np.asarray(values, dtype=np.int64), hint)
-
-
-def translations(opset: int) -> dict:
-    """torch.onnx.export's custom_translation_table for the four rnnedge ops."""
-
-    def stack_h(x, h0, layer):
-        y, hn, _ = emit_stack(OnnxscriptBuilder(opset), _layer(layer), x, h0, None)
-        return y, hn
-
-    def stack_hc(x, h0, c0, layer):
-        return emit_stack(OnnxscriptBuilder(opset), _layer(layer), x, h0, c0)
-
-    def cell_h(x, h0, layer):
-        return emit_cell(OnnxscriptBuilder(opset), _layer(layer), x, h0, None)[0]
-
-    def cell_hc(x, h0, c0, layer):
-        return emit_cell(OnnxscriptBuilder(opset), _layer(layer), x, h0, c0)
-
-    ops = torch.ops.rnnedge
-    return {
-        ops.stack_h.default: stack_h,
-        ops.stack_hc.default: stack_hc,
-        ops.cell_h.default: cell_h,
-        ops.cell_hc.default: cell_hc,
-    }
-
-
-# ---------------------------------------------------------------------------
 # Patched layers
 # ---------------------------------------------------------------------------
 
@@ -209,6 +154,7 @@ class Record:
 
     calls: int = 0
     unbatched: bool = False
+    batches: set = field(default_factory=set)  # the batch sizes its input had
     given_state: bool = False
     nonzero_state: bool = False
 
@@ -265,14 +211,21 @@ class Context:
         self.lift = False  # lifted layers take Slot.init and ignore the model's state
         self.tracing = False  # call the custom ops instead of the layers' forward
         self.probing = False  # record what each layer is called with
+        self.packed_lengths: list = []  # what probes gave pack_padded_sequence as lengths
 
     @contextlib.contextmanager
     def installed(self, *, lift: bool = False, tracing: bool = False, probing: bool = False):
         """Patch every layer's forward (and register it for the custom ops) meanwhile."""
+        from rnnedge.exporters import fixes, packed  # they build on this module
+
         saved = (self.lift, self.tracing, self.probing)
         self.lift, self.tracing, self.probing = lift, tracing, probing
         patched = []
+        stack = contextlib.ExitStack()
         try:
+            stack.enter_context(packed.patched(self))
+            if tracing:
+                stack.enter_context(fixes.mode())
             for layer in self.layers:
                 if "forward" in vars(layer.module):
                     raise UnsupportedModelError(
@@ -285,6 +238,7 @@ class Context:
                 patched.append(layer)
             yield self
         finally:
+            stack.close()
             for layer in patched:
                 vars(layer.module).pop("forward", None)
                 _REGISTRY.pop(layer.layer_id, None)
@@ -318,18 +272,20 @@ class LayerCall:
         self.layer = layer
 
     def __call__(self, input, hx=None):
+        from rnnedge.exporters import packed  # it builds on this module
+
         ctx, layer, m = self.ctx, self.layer, self.layer.module
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise UnsupportedModelError(
-                f"layer {layer.path!r} ({kind_name(m)}) is given a PackedSequence inside "
-                "forward(); rnnedge traces padded tensors only: pass the padded batch (or "
-                "export the bare layer with mode='sequence', which takes a lengths input)"
-            )
-        unbatched = input.dim() == (1 if layer.is_cell else 2)
+        # A PackedSequence eagerly; while tracing, what the patched pack_padded_sequence gives.
+        is_packed = isinstance(input, (nn.utils.rnn.PackedSequence, packed.Padded))
+        unbatched = not is_packed and input.dim() == (1 if layer.is_cell else 2)
         if ctx.probing:
             rec = layer.record
             rec.calls += 1
             rec.unbatched |= unbatched
+            if isinstance(input, nn.utils.rnn.PackedSequence):
+                rec.batches.add(int(input.batch_sizes[0]))
+            elif not unbatched:
+                rec.batches.add(int(input.shape[1 if not layer.is_cell and not m.batch_first else 0]))
             if hx is not None:
                 rec.given_state = True
                 leaves = hx if isinstance(hx, (tuple, list)) else (hx,)
@@ -343,7 +299,9 @@ class LayerCall:
         if ctx.lift:
             init = layer.slot.init
             hx = (init[0], init[1]) if layer.has_c else init[0]
-        if ctx.tracing:
+        if ctx.tracing and isinstance(input, packed.Padded):
+            out = packed.traced_call(layer, input, hx)
+        elif ctx.tracing:
             out = self._traced(input, hx)
         else:
             out = type(m).forward(m, input, hx)

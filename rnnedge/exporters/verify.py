@@ -100,16 +100,26 @@ def contract_differences(graph_meta: dict, plan_meta: dict) -> list[str]:
 
 
 def example_for(module, graph: GraphFile, input_axes: tuple | None = None, input_dtype: str | None = None):
-    """(example input tensor, axes) for ``module``: the graph's first data input by default.
+    """(example input tensor, axes) for ``module``: the graph's data inputs by default (a
+    tuple of tensors and a list of axes for several).
 
-    input_axes: e.g. ("batch", "time", 16); None takes the graph's own input shape, so
-    ``--input-shape`` is optional when verifying or benchmarking a file.
+    input_axes: e.g. ("batch", "time", 16), or a list of such, one per data input; None
+    takes the graph's own input shapes, so ``--input-shape`` is optional when verifying or
+    benchmarking a file. input_dtype: a dtype, or a list of them, one per data input.
     """
-    from rnnedge.loaders import make_example
+    from rnnedge.loaders import make_example, make_examples
 
     data = graph.data_inputs
     if not data:
         raise ContractError(f"{graph.path}: the contract lists no data input; re-export the model")
+    if input_axes is None and len(data) > 1:
+        specs = [(tuple(t["shape"]), t["dtype"]) for t in data]
+        return make_examples(module, specs), [axes for axes, _ in specs]
+    if input_axes is not None and input_axes and isinstance(input_axes[0], (tuple, list)):
+        dtypes = input_dtype or ["float32"] * len(input_axes)
+        axes_list = [tuple(a) for a in input_axes]
+        examples = make_examples(module, list(zip(axes_list, dtypes)))
+        return (examples[0] if len(examples) == 1 else examples), axes_list
     if input_axes is None:
         input_axes = tuple(data[0]["shape"])
         input_dtype = input_dtype or data[0]["dtype"]
@@ -117,7 +127,8 @@ def example_for(module, graph: GraphFile, input_axes: tuple | None = None, input
 
 
 def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tuple | None = None,
-                   input_dtype: str | None = None, min_length: int | None = None):
+                   input_dtype: str | None = None, min_length: int | None = None,
+                   state_arg: str | None = None):
     """Rebuild ``module``'s export plan in ``graph``'s mode and opset; check it matches.
 
     Returns a ``parity.Plan`` whose ``reference``/``sample`` drive the gate. Raises
@@ -125,15 +136,22 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
     not exported from a model of this shape), and the exporter's own errors otherwise.
     """
     from rnnedge.exporters.api import make_plan
+    from rnnedge.exporters.layers import is_layer
 
     meta = graph.meta
     derived = input_axes is None and example_input is None
     if example_input is None:
         example_input, input_axes = example_for(module, graph, input_axes, input_dtype)
     name = type(module).__name__
+    if input_axes is not None and not (input_axes and isinstance(input_axes[0], (tuple, list))):
+        input_axes = [tuple(input_axes)]
+    # The graph's own input names and constants: a plan of the same model names them alike.
+    data = graph.contract.data_inputs
+    names = [t.name for t in data] if len(data) == len(input_axes or data) else None
     try:
         plan = make_plan(module, example_input, meta["mode"], int(meta["opset"]), graph.has_lengths,
-                         [tuple(input_axes)] if input_axes is not None else None, min_length)
+                         input_axes, min_length, input_names=names if not is_layer(module) else None,
+                         constants=[t.name for t in data if t.constant], state_arg=state_arg)
     except (UsageError, UnsupportedModelError) as exc:
         if not derived:
             raise
@@ -271,7 +289,7 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
            input_dtype: str | None = None, atol: float | None = None, rtol: float | None = None,
            device: str = "cpu", progress: Callable[[str], None] | None = None,
            source: str = "", min_length: int | None = None,
-           max_length: int | None = None) -> VerifyReport:
+           max_length: int | None = None, state_arg: str | None = None) -> VerifyReport:
     """Run the parity gate of the graph at ``graph_path`` against ``model`` (an nn.Module).
 
     example_input / input_axes: as for ``rnnedge.export`` (e.g. a (batch, time, F) tensor,
@@ -282,6 +300,7 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
     device: "cpu", "cuda[:N]" or "auto": the onnxruntime provider the graph runs on.
     progress: called with each case's name as the gate reaches it (once per case).
     min_length, max_length: the range of time steps, as for ``rnnedge.export``.
+    state_arg: forward's state parameter, as for ``rnnedge.export``.
     The model is put in eval mode meanwhile; every submodule's own training flag is
     restored afterwards.
     Returns a VerifyReport (it does not raise on a parity miss: see ``raise_on_failure``).
@@ -296,7 +315,8 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
     policy = policy_for(precision, graph.dtype, atol, rtol, min_length=min_length,
                         max_length=max_length)
     with inference_mode(model):  # dropout off, as export does; every flag back afterwards
-        plan = plan_for_graph(model, graph, example_input, input_axes, input_dtype, min_length)
+        plan = plan_for_graph(model, graph, example_input, input_axes, input_dtype, min_length,
+                              state_arg)
         providers, actual = providers_for(device, graph.data)
         result = run_gate(plan, graph.data, policy, providers=providers, progress=progress)
     return VerifyReport(graph.path, result.passed, list(result.cases), per_tensor(result),

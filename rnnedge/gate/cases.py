@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rnnedge.contract import ExportSpec
+from rnnedge.contract import FLUSH_STATE, ExportSpec
 from rnnedge.gate.lengths import LONG_CHUNKS, SHORT_CHUNKS, LengthRange
 from rnnedge.gate.plan import Plan
 
@@ -90,10 +90,14 @@ def gate_cases(plan: Plan, teacher_forced: tuple = (), span: LengthRange | None 
             cases += [Case("lengths", 3, t, True, lengths="random", least=low)
                       for t in sorted({span.clip(low + 6), span.short_stream})]
         if spec.mode == "stream":
-            cases += [Case("stream", b, span.short_stream, b > 1, span.chunks(c), least=low)
+            # Strided ops along time (conv caches) take multiples of their total stride.
+            m = spec.chunk_multiple
+            cases += [Case("stream", b, span.short_stream, b > 1,
+                           tuple(k * m for k in span.chunks(c)), least=low)
                       for b in BATCHES for c in SHORT_CHUNKS]
             if span.high > span.short_stream:
-                cases.append(Case("stream", 1, span.high, False, span.chunks(LONG_CHUNKS), least=low))
+                cases.append(Case("stream", 1, span.high, False,
+                                  tuple(k * m for k in span.chunks(LONG_CHUNKS)), least=low))
     cases += [Case("teacher-forced", b, n, b > 1, least=low) for b, n in teacher_forced]
     return tuple(cases)
 
@@ -104,7 +108,40 @@ def initial_states(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
     for s in spec.states:
         arr = rng.standard_normal(s.shape_for(batch)).astype(s.dtype) * 0.5 if random else s.zeros(batch)
         states[s.input] = arr
+    if FLUSH_STATE in states:  # not a state a stream starts in: it marks a stream's last call
+        states[FLUSH_STATE] = np.zeros_like(states[FLUSH_STATE])
     return states
+
+
+def flush_inputs(spec: ExportSpec, arrays: dict) -> dict:
+    """``arrays`` (a stream's last frames, maybe none) with ``spec.latency`` zero steps
+    appended along each timed data input's own axis: the inputs of a flush call."""
+    axes = {t.name: t.time_axis for t in spec.inputs if t.time_axis is not None}
+    out = {}
+    for k, v in arrays.items():
+        if k in axes:
+            width = [(0, 0)] * v.ndim
+            width[axes[k]] = (0, spec.latency)
+            v = np.pad(v, width)
+        out[k] = v
+    return out
+
+
+def flush_state(spec: ExportSpec, states: dict) -> dict:
+    """``states`` with the flush state set to ``spec.latency`` (a flush call)."""
+    return {**states, FLUSH_STATE: np.full_like(states[FLUSH_STATE], spec.latency)}
+
+
+def latency_spans(spans: list, latency: int) -> tuple[list, tuple | None]:
+    """(the spans fed as ordinary calls, the span fed with the flush call or None) for a
+    graph with ``latency``: its first call must have more than ``latency`` steps (every op
+    then emits a frame), so the leading spans are joined; a stream of no more than
+    ``latency`` steps is one flush call."""
+    while len(spans) > 1 and spans[0][1] - spans[0][0] <= latency:
+        spans[:2] = [(spans[0][0], spans[1][1])]
+    if spans and spans[0][1] - spans[0][0] <= latency:
+        return [], spans[0]
+    return spans, None
 
 
 def chunk_spans(total: int, pattern, least: int = 1) -> list[tuple[int, int]]:
@@ -121,13 +158,24 @@ def chunk_spans(total: int, pattern, least: int = 1) -> list[tuple[int, int]]:
     return spans
 
 
-def slice_time(arrays: dict, axis: int, start: int, stop: int, spec: ExportSpec) -> dict:
-    """``arrays`` with each timed data input cut to steps [start, stop) along ``axis``."""
-    timed = {t.name for t in spec.inputs if "time" in t.shape}
+def slice_time(arrays: dict, start: int, stop: int, spec: ExportSpec) -> dict:
+    """``arrays`` with each timed data input cut to steps [start, stop) along its own time
+    axis (``TensorSpec.time_axis``: a (batch, 1, time, F) input along 2, a (batch, time)
+    one along 1)."""
+    axes = {t.name: t.time_axis for t in spec.inputs if t.time_axis is not None}
     return {
-        k: (np.ascontiguousarray(np.take(v, range(start, stop), axis=axis)) if k in timed else v)
+        k: (np.ascontiguousarray(np.take(v, range(start, stop), axis=axes[k])) if k in axes else v)
         for k, v in arrays.items()
     }
+
+
+def hold_constants(spec: ExportSpec, steps: list[dict]) -> list[dict]:
+    """``steps`` with every input the contract marks constant held at its first step's
+    value: a constant (e.g. an attention memory) is fed once per stream."""
+    names = [t.name for t in spec.inputs if t.constant]
+    if not names or not steps:
+        return steps
+    return [{**x, **{n: steps[0][n] for n in names}} for x in steps]
 
 
 def _stack(seq: list[dict]) -> dict:
@@ -172,7 +220,7 @@ def case_arrays(plan: Plan, graph: GraphCall, eager, rng, case: Case, referee=No
     if case.kind == "teacher-forced":
         return _teacher_forced(plan, graph, eager, rng, case, states0)
     if case.kind == "steps":
-        inputs = [plan.sample(rng, case.batch, None) for _ in range(case.length)]
+        inputs = hold_constants(spec, [plan.sample(rng, case.batch, None) for _ in range(case.length)])
         want_outs, want_states = _eager_sequence(eager, inputs, states0)
         got_outs, got_states = _eager_sequence(graph, inputs, states0)
         ref = referee(lambda ref64: _eager_sequence(ref64, inputs, states0)) if referee else None
@@ -188,17 +236,25 @@ def case_arrays(plan: Plan, graph: GraphCall, eager, rng, case: Case, referee=No
     want_outs, want_states = eager(inputs, states0)
     ref = referee(lambda ref64: ref64(inputs, states0)) if referee else None
     ref_outs, ref_states = ref or (None, None)
-    if case.chunks is None:
+    if case.chunks is None and not spec.latency:
         got_outs, got_states = graph(inputs, states0)
         return CaseRun(got_outs, got_states, want_outs, want_states, ref_outs, ref_states)
     got_states, pieces = states0, []
-    for start, stop in chunk_spans(case.length, case.chunks, case.least):
-        piece, got_states = graph(slice_time(inputs, spec.time_axis, start, stop, spec), got_states)
+    spans, last = chunk_spans(case.length, case.chunks or (case.length,), case.least), None
+    if spec.latency:  # eager is the whole stream: the graph's ends with a flush call
+        spans, last = latency_spans(spans, spec.latency)
+        last = last or (case.length, case.length)
+    for start, stop in spans:
+        piece, got_states = graph(slice_time(inputs, start, stop, spec), got_states)
+        pieces.append(piece)
+    if last is not None:
+        piece, got_states = graph(flush_inputs(spec, slice_time(inputs, *last, spec)),
+                                  flush_state(spec, got_states))
         pieces.append(piece)
     got_outs = {}
     for t in spec.outputs:
-        if "time" in t.shape:
-            got_outs[t.name] = np.concatenate([p[t.name] for p in pieces], axis=t.shape.index("time"))
+        if t.time_axis is not None:  # each output along its own time axis
+            got_outs[t.name] = np.concatenate([p[t.name] for p in pieces], axis=t.time_axis)
         else:
             # No time axis (e.g. a classifier reading the last step): each chunk's value
             # stands for the sequence so far, so the last chunk's must equal the whole's.
@@ -211,11 +267,14 @@ def _teacher_forced(plan: Plan, graph: GraphCall, eager, rng, case: Case, states
     spec = plan.spec
     inputs = plan.sample(rng, case.batch, case.length) if spec.time_axis is not None else None
     got_seq, got_st, want_seq, want_st = [], [], [], []
+    first = None
     for t in range(case.length):
         if inputs is None:
             x = plan.sample(rng, case.batch, None)
+            first = first or x
+            x = hold_constants(spec, [first, x])[1]
         else:
-            x = slice_time(inputs, spec.time_axis, t, t + 1, spec)
+            x = slice_time(inputs, t, t + 1, spec)
             if plan.lengths_input:
                 x[plan.lengths_input] = np.ones(case.batch, dtype=np.int64)
         want, want_states = eager(x, states)

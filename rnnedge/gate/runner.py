@@ -9,6 +9,7 @@ fed). After the cases, the NaN probe (``nonfinite``) records whether a NaN propa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,14 +171,19 @@ def _blamed(call, culprit: str, case: Case):
 
 
 class GraphRunner:
-    """Runs the candidate graph with plain onnxruntime and numpy state."""
+    """Runs the candidate graph with plain onnxruntime and numpy state.
 
-    def __init__(self, plan: Plan, model_bytes: bytes, providers):
+    model_bytes: the serialized graph, or the path of a graph file (one whose weights are
+    in an external data file beside it, which onnxruntime finds by the file's folder).
+    """
+
+    def __init__(self, plan: Plan, model_bytes: bytes | str | os.PathLike, providers):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model_bytes, opts, providers=list(providers))
+        model = model_bytes if isinstance(model_bytes, bytes) else os.fspath(model_bytes)
+        self.session = ort.InferenceSession(model, opts, providers=list(providers))
         self.spec = plan.spec
 
     def __call__(self, inputs: dict, states: dict):
@@ -190,11 +196,12 @@ class GraphRunner:
         return outs, new_states
 
 
-def run_gate(plan: Plan, model_bytes: bytes, policy: Policy, *,
+def run_gate(plan: Plan, model_bytes: bytes | str | os.PathLike, policy: Policy, *,
              providers=("CPUExecutionProvider",),
              progress: Callable[[str], None] | None = None) -> GateResult:
     """Run every case of ``plan`` (and the policy's teacher-forced ones) once through the
     graph ``model_bytes`` on ``providers``; ``progress`` gets each case's name first.
+    model_bytes may be a graph file's path instead (a graph with external data, over 2 GiB).
 
     Returns every case's per-tensor figures; raises nothing on a miss (see
     ``raise_on_failure``). A case the graph cannot run is a failed case with its error;

@@ -13,6 +13,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from rnnedge.graphs import external
 from rnnedge.graphs.names import Names
 
 _DTYPES = {
@@ -71,7 +72,9 @@ class Writer:
     def const(self, array, hint: str) -> ir.Value:
         """An initializer holding ``array`` (its shape kept, 0-d included)."""
         name = self.names(self.prefix + hint)
-        return self.tape.initializer(ir.tensor(np.array(array, order="C"), name=name), name=name)
+        # No copy of an array that is C-ordered already: the weights of a big layer are
+        # GiBs, and every caller hands over a fresh array (recurrent.layer_weights, lists).
+        return self.tape.initializer(ir.tensor(np.asarray(array, order="C"), name=name), name=name)
 
     def ints(self, values, hint: str = "ints") -> ir.Value:
         return self.const(np.asarray(values, dtype=np.int64), hint)
@@ -108,4 +111,5 @@ class GraphBuilder(Writer):
         ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", self.opset)])
         model = ir.Model(graph, ir_version=ir_version, producer_name="rnnedge")
         model.metadata_props.update(metadata or {})
-        return ir.to_proto(model)
+        # Inside external.staging, weights over the threshold go to a data file first.
+        return external.to_proto(model)

@@ -3,7 +3,7 @@
 These functions only add nodes to a ``GraphBuilder``; they never unroll time and never
 emit Loop/If, so the time and batch axes stay dynamic by construction. They use only
 ``g.op``, ``g.const`` and ``g.ints`` and test optional values with ``is None``, so any
-object with that interface works as ``g`` (``trace.OnnxscriptBuilder`` emits through
+object with that interface works as ``g`` (``exporters.translations.OnnxscriptBuilder`` emits through
 onnxscript inside torch.onnx.export).
 """
 

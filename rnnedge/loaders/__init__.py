@@ -5,8 +5,15 @@
 """
 
 from rnnedge.loaders.arch import build_arch
-from rnnedge.loaders.inputs import make_example, parse_input_shape
+from rnnedge.loaders.inputs import (
+    forward_order,
+    make_example,
+    make_examples,
+    parse_input,
+    parse_input_shape,
+)
 from rnnedge.loaders.model_file import load_model
 from rnnedge.loaders.pt2 import ProgramStep
 
-__all__ = ["ProgramStep", "build_arch", "load_model", "make_example", "parse_input_shape"]
+__all__ = ["ProgramStep", "build_arch", "forward_order", "load_model", "make_example",
+           "make_examples", "parse_input", "parse_input_shape"]

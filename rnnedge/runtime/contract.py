@@ -54,6 +54,8 @@ class TensorInfo:
     dtype: a numpy dtype (steps compare arrays' dtypes against it).
     shape: per axis an int (fixed), a str (named dynamic) or None (unnamed dynamic).
     batch_axis / time_axis: the axis that is batch / time in this tensor, or None.
+    constant: the contract marks this input constant per stream (``"constant": true``):
+    a stream or pool takes it once per stream (``constants=``), not with every call.
     """
 
     name: str
@@ -61,11 +63,13 @@ class TensorInfo:
     shape: tuple
     batch_axis: int | None = None
     time_axis: int | None = None
+    constant: bool = False
 
     @classmethod
     def of(cls, t: TensorSpec, spec: ExportSpec) -> TensorInfo:
         """The runtime's view of contract tensor ``t`` of ``spec``."""
-        return cls(t.name, np.dtype(t.dtype), tuple(t.shape), t.batch_axis, spec.time_axis_of(t))
+        return cls(t.name, np.dtype(t.dtype), tuple(t.shape), t.batch_axis, spec.time_axis_of(t),
+                   t.constant)
 
     def describe(self, batch: int | None = None) -> str:
         """``float32[time, batch=2, 16]``: the shape a caller must give."""

@@ -145,6 +145,11 @@ class Engine:
             self._slots.popitem(last=False)
         return slot
 
+    def forget(self, key: tuple) -> None:
+        """Drop the bindings for input shapes ``key``: for a call whose output shapes differ
+        from other calls' of the same input shapes (a look-ahead graph's first and last)."""
+        self._slots.pop(key, None)
+
     def run(self, slot: Slot) -> None:
         """One run over the data already in ``slot.in_bufs``; the state advances only on success."""
         if slot.out_bufs is None:

@@ -63,12 +63,19 @@ class Model:
         """A new stream of ``batch`` rows with a zero state.
 
         constants: {input name: array} for graph inputs that are neither data nor state
-        (e.g. a scalar sample rate of a foreign graph): bound once, not passed to step().
+        (e.g. a scalar sample rate of a foreign graph), or data inputs the contract marks
+        constant (e.g. an attention decoder's memory, with ``batch`` rows): bound once,
+        not passed to step().
         check_finite: refuse NaN/inf (see Stream); None takes the Model's (``load``'s) setting.
         """
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise UsageError(f"batch must be an int >= 1, got {batch!r}")
         data, bound = self._split(constants, "stream()")
+        for t in self.contract.inputs:  # a constant with a batch axis holds one row per row
+            if t.name in bound and t.batch_axis is not None \
+                    and bound[t.name].shape()[t.batch_axis] != batch:
+                raise UsageError(f"stream(): constant {t.name!r} has {bound[t.name].shape()[t.batch_axis]} "
+                                 f"rows (axis {t.batch_axis}) but the stream has batch={batch}")
         for t in data:
             if t.batch_axis is not None and isinstance(t.shape[t.batch_axis], int) \
                     and t.shape[t.batch_axis] != batch:
@@ -77,7 +84,17 @@ class Model:
         return Stream(self, int(batch), data, bound, self._check_finite(check_finite))
 
     def pool(self, constants: dict | None = None, *, check_finite: bool | None = None) -> Pool:
-        """A new, empty pool of single-row streams stepped as one batch (see Pool)."""
+        """A new, empty pool of single-row streams stepped as one batch (see Pool).
+
+        constants: as for ``stream``, shared by every stream of the pool; inputs that the
+        contract marks constant and that have a batch axis are given per stream instead,
+        ``pool.add(constants={name: array with batch 1})``.
+        """
+        per_stream = [t.name for t in self.contract.inputs if t.constant and t.batch_axis is not None]
+        shared = [name for name in (constants or {}) if name in per_stream]
+        if shared:
+            raise UsageError(f"pool(): {shared} are constant per stream (one row each): give them "
+                             "to pool.add(constants={...}) for each stream, not to pool()")
         data, bound = self._split(constants, "pool()")
         return Pool(self, data, bound, self._check_finite(check_finite))
 

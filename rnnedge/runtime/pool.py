@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
+import onnxruntime as ort
 
 from rnnedge.errors import ContractError, StepInputError, UsageError
 from rnnedge.runtime.engine import Engine, check_state_size
@@ -43,15 +44,30 @@ class Pool:
     One pool is for one thread at a time: a call while another thread's call on the same
     pool is in progress raises ConcurrentUseError. NaN/inf are refused as by a Stream
     (``check_finite``), for the whole call: no stream in it advances.
+
+    Inputs the contract marks constant that have a batch axis (e.g. an attention
+    decoder's memory (batch, 50, 512)) are constant per stream: each stream gives its own
+    row once, ``add(constants={name: array with batch 1}``), and ``step`` does not take them.
     """
 
     def __init__(self, model, data: tuple, constants: dict, check_finite: bool = True):
         contract = model.contract
+        # Per-stream constants: bound from engine-owned buffers, filled when streams gather.
+        self._per_stream = tuple(t for t in data if t.constant and t.batch_axis is not None)
+        data = tuple(t for t in data if t not in self._per_stream)
+        self._const_rows: dict[int, list] = {}  # stream id -> [row per per-stream constant]
         unbatched = [t.name for t in data + contract.outputs if t.batch_axis is None] + \
                     [s.input for s in contract.states if s.batch_axis is None]
         if unbatched:
             raise ContractError(f"a pool batches streams along the batch axis, but {unbatched} "
                                 "have none; pass batch_axes= to rnnedge.load, or use streams")
+        spec = contract.spec
+        if spec is not None and spec.latency:
+            raise UsageError(f"a pool steps streams without holding their first steps back, but "
+                             f"this graph streams {spec.latency} steps late (contract latency: "
+                             "look-ahead convolutions); use one model.stream() per stream")
+        # Strided graphs: a chunk that is not a multiple would be silently wrong, so refused.
+        self._multiple = spec.chunk_multiple if spec is not None else 1
         check_state_size(contract.states, 1, "pool()")
         self.model = model
         self.check_finite = bool(check_finite)
@@ -67,7 +83,7 @@ class Pool:
         self._row: dict[int, int] = {}  # stream id -> row in the store
         self._free: list[int] = []
         self._next_id = 0
-        self._engines: OrderedDict = OrderedDict()  # batch size -> Engine
+        self._engines: OrderedDict = OrderedDict()  # batch size -> (Engine, constant buffers)
         self._resident: tuple = ()  # ids whose rows live in the engine, in batch order
         self._shapes = None  # per-stream input shapes of the last checked step
         self._lengths = lengths_of(contract, data)  # sequence mode: values checked per step
@@ -76,8 +92,13 @@ class Pool:
     # --- membership -------------------------------------------------------------------------
 
     @exclusive(POOL)
-    def add(self, state: dict | None = None) -> int:
-        """A new stream (zero state, or ``state`` as for one row); returns its id."""
+    def add(self, state: dict | None = None, constants: dict | None = None) -> int:
+        """A new stream (zero state, or ``state`` as for one row); returns its id.
+
+        constants: {name: array with batch 1} for every per-stream constant of the graph
+        (see the class); required when it has any, refused otherwise.
+        """
+        rows = self._stream_constants(constants)
         if state is not None:
             state = check_state(self._states, 1, state, "add(state)")
             if self.check_finite:
@@ -88,6 +109,7 @@ class Pool:
         self._next_id += 1
         row = self._free.pop()
         self._row[sid] = row
+        self._const_rows[sid] = rows
         for s, store in zip(self._states, self._store):
             self._rows_view(s, store, row)[...] = 0 if state is None or s.input not in state else state[s.input]
         return sid
@@ -99,6 +121,7 @@ class Pool:
         if sid in self._resident:
             self._evict()
         del self._row[sid]
+        self._const_rows.pop(sid, None)
         self._free.append(row)
 
     @exclusive(POOL)
@@ -237,6 +260,7 @@ class Pool:
                     raise StepInputError(
                         f"pool.step(): stream {sid} gives shapes {list(shapes)}, stream {ids[0]} "
                         f"{list(ref)}: all streams in one step need the same shapes")
+                self._check_multiple(sid, arrays)
                 ref = shapes
             if self._lengths is not None:
                 at, timed, axis = self._lengths
@@ -245,6 +269,19 @@ class Pool:
                 col.append(a)
         self._shapes = ref
         return columns
+
+    def _check_multiple(self, sid, arrays: list) -> None:
+        """StepInputError for a chunk that is not a multiple of ``chunk_multiple`` steps (a
+        pool holds no remainder back: ``Stream.step`` does)."""
+        if self._multiple == 1:
+            return
+        for t, a in zip(self._data, arrays):
+            if t.time_axis is not None and a.shape[t.time_axis] % self._multiple:
+                raise StepInputError(
+                    f"pool.step() stream {sid}: {t.name} has {a.shape[t.time_axis]} time steps, "
+                    f"but this graph takes multiples of {self._multiple} (contract chunk_multiple:"
+                    " strided convolutions); feed multiples, or use model.stream(), which holds "
+                    "the rest back")
 
     def _bad_streams(self, slot, outputs: list, ids: tuple) -> list:
         """The ids whose rows of the last run's outputs or new state hold NaN/inf (for messages)."""
@@ -284,21 +321,54 @@ class Pool:
         self._store = grown
         self._free.extend(range(self._capacity - 1, old - 1, -1))
 
-    def _engine_for(self, batch: int) -> Engine:
-        engine = self._engines.get(batch)
-        if engine is None:
-            engine = Engine(self.model, batch, self._data, self._constants)
-            self._engines[batch] = engine
+    def _stream_constants(self, constants) -> list:
+        """The checked rows (batch 1) of a new stream's per-stream constants, in order."""
+        names = [t.name for t in self._per_stream]
+        if not names:
+            if constants:
+                raise UsageError(f"add(constants=...): this graph has no per-stream constant; "
+                                 f"it takes {[t.name for t in self._data]} with every step")
+            return []
+        if not isinstance(constants, dict) or sorted(constants) != sorted(names):
+            got = sorted(constants) if isinstance(constants, dict) else type(constants).__name__
+            raise UsageError(f"add(): each stream of this pool needs its constants {names} "
+                             f"(arrays with batch 1): pass add(constants={{...}}), got {got}")
+        rows = [np.ascontiguousarray(check(t, constants[t.name], 1, "add(constants)")).copy()
+                for t in self._per_stream]
+        if self.check_finite and not all(all_finite(a) for a in rows if a.dtype.kind == "f"):
+            refuse_nonfinite_inputs(self._per_stream, rows, "add(constants)")
+        return rows
+
+    def _engine_for(self, batch: int) -> tuple[Engine, list]:
+        """(the engine for ``batch`` rows, its per-stream constant buffers [(host, OrtValue)])."""
+        entry = self._engines.get(batch)
+        if entry is None:
+            bufs = []
+            for t in self._per_stream:
+                host = np.zeros([batch if i == t.batch_axis else d for i, d in enumerate(t.shape)], t.dtype)
+                on_cuda = self.model.device.startswith("cuda")
+                value = (ort.OrtValue.ortvalue_from_numpy(host, "cuda", int(self.model.device[5:] or 0))
+                         if on_cuda else ort.OrtValue.ortvalue_from_numpy(host))  # CPU: shares host
+                bufs.append((host, value))
+            bound = {**self._constants, **{t.name: v for t, (_, v) in zip(self._per_stream, bufs)}}
+            entry = (Engine(self.model, batch, self._data, bound), bufs)
+            self._engines[batch] = entry
             if len(self._engines) > MAX_ENGINES:
                 self._engines.popitem(last=False)
         self._engines.move_to_end(batch)
-        return engine
+        return entry
 
     def _gather(self, ids: tuple) -> None:
         rows = np.array([self._row[sid] for sid in ids])
-        engine = self._engine_for(len(ids))
+        engine, bufs = self._engine_for(len(ids))
         engine.set_state({s.input: np.take(store, rows, axis=s.batch_axis)
                           for s, store in zip(self._states, self._store)})
+        for k, (t, (host, value)) in enumerate(zip(self._per_stream, bufs)):
+            joined = np.concatenate([self._const_rows[sid][k] for sid in ids], axis=t.batch_axis)
+            if engine.on_cuda:
+                value.update_inplace(joined)
+            else:
+                host[...] = joined
         self._engine = engine
         self._resident = ids
 

@@ -7,7 +7,9 @@ from math import isfinite
 
 import numpy as np
 
+from rnnedge.contract import FLUSH_STATE
 from rnnedge.errors import StepInputError, UsageError
+from rnnedge.runtime import remainder
 from rnnedge.runtime.engine import Engine, check_state_size
 from rnnedge.runtime.guards import (
     all_finite,
@@ -50,6 +52,13 @@ class Stream:
         self._lengths = lengths_of(model.contract, data)
         self._readable = None  # the slot whose outputs the last successful call left
         self._busy = threading.Lock()  # held by the call in progress; never waited on
+        # Strided graphs (contract chunk_multiple): steps short of a multiple, held back.
+        spec = model.contract.spec
+        self._multiple = spec.chunk_multiple if spec is not None else 1
+        # Look-ahead graphs (contract latency): the first call needs more than latency steps.
+        self._latency = spec.latency if spec is not None else 0
+        self._started = False
+        self._held = None
 
     @property
     def input_names(self) -> list[str]:
@@ -71,7 +80,7 @@ class Stream:
         if not self._busy.acquire(False):  # inline, not @exclusive: the per-step hot path
             raise busy(STREAM)
         try:
-            return self._step(x, read)
+            return self._step_held(x, read) if self._holds else self._step(x, read)
         finally:
             self._busy.release()
 
@@ -135,6 +144,95 @@ class Stream:
                 raise nonfinite_result("step()", bad)
         return values[0] if self._single_out else dict(zip(self._out_names, values))
 
+    @property
+    def _holds(self) -> bool:
+        return self._multiple > 1 or (self._latency > 0 and not self._started)
+
+    def _step_held(self, x, read: bool):
+        """``_step`` for graphs whose chunks are multiples of ``chunk_multiple`` steps: feeds
+        the largest multiple of held + new steps, holds the rest (``remainder``); for graphs
+        with ``latency``, holds a stream's first steps until there are more than latency."""
+        if self._latency and self._started:
+            return self._step(x, read)
+        arrays = [check(t, a, self.batch, "step()") for t, a in
+                  zip(self._data, as_list(self._data, x, "step()"))]
+        axes = [t.time_axis for t in self._data]
+        if self._latency:
+            feed, keep = remainder.first(arrays, axes, self._held, self._latency)
+        else:
+            feed, keep = remainder.split(arrays, axes, self._held, self._multiple)
+        if feed is None:
+            self._held = keep
+            return self._empty() if read else None
+        out = self._step_once(feed, read) if self._latency else \
+            self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), read)
+        self._held = keep  # after the call: a failed call holds what it held before
+        self._started = True
+        return out
+
+    def _step_once(self, feed: list, read: bool):
+        """``_step`` on fresh bindings, dropped after: a look-ahead graph's first call and its
+        flush give fewer/more output steps than other calls of the same input shapes."""
+        key = tuple(a.shape for a in feed)
+        self._engine.forget(key)
+        self._slot = None
+        try:
+            return self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), read)
+        finally:
+            self._engine.forget(key)
+            self._slot = None
+
+    def _empty(self):
+        values = [remainder.empty(t.shape, t.dtype, t.time_axis, self.batch)
+                  for t in self.model.contract.outputs]
+        return values[0] if self._single_out else dict(zip(self._out_names, values))
+
+    @property
+    def held(self) -> int:
+        """Time steps held back for the next call (graphs with ``chunk_multiple`` > 1)."""
+        return remainder.held_steps(self._held, [t.time_axis for t in self._data])
+
+    @exclusive(STREAM)
+    def flush(self):
+        """End of stream: the outputs still to come, as ``step`` returns them (zero steps
+        when there are none). Joined to the outputs before it, this equals eager PyTorch on
+        the whole input, frame for frame.
+
+        Strided graphs (``chunk_multiple``): feeds the held steps zero-padded to the
+        multiple and returns the real steps' outputs. Look-ahead graphs (``latency`` > 0):
+        one flush call of the held steps and ``latency`` zero steps with the contract's
+        flush state set, which gives the last ``latency`` outputs (and any held steps');
+        the state is then past the stream's end: ``reset()`` before the next stream."""
+        axes = [t.time_axis for t in self._data]
+        if self._latency:
+            return self._flush_late(axes)
+        real = remainder.held_steps(self._held, axes)
+        if real == 0:
+            return self._empty()
+        feed = remainder.padded(self._held, axes, self._multiple)
+        out = self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), True)
+        self._held = None
+        outs = [out] if self._single_out else [out[n] for n in self._out_names]
+        outs = [remainder.trim(v, t.time_axis, real, self._multiple)
+                for v, t in zip(outs, self.model.contract.outputs)]
+        return outs[0] if self._single_out else dict(zip(self._out_names, outs))
+
+    def _flush_late(self, axes: list):
+        held = self._held or [remainder.take_none(t, self.batch) for t in self._data]
+        feed = remainder.extended(held, axes, self._latency)
+        saved = self._engine.get_state()
+        marked = dict(saved)
+        marked[FLUSH_STATE] = np.full_like(saved[FLUSH_STATE], self._latency)
+        self._engine.set_state(marked)
+        try:
+            out = self._step_once(feed, True)
+        except BaseException:
+            self._engine.set_state(saved)
+            raise
+        self._held = None
+        self._started = True
+        return out
+
     @exclusive(STREAM)
     def read(self):
         """The last call's outputs as new host arrays (array, or dict for several).
@@ -159,7 +257,9 @@ class Stream:
         """Feed a long input along the time axis in chunks of ``chunk`` steps.
 
         x: as for ``step`` but with any number of time steps (>= 1). Returns the outputs
-        of every chunk concatenated along the time axis, as ``step`` returns them. Equals
+        of every chunk concatenated along the time axis, as ``step`` returns them (with
+        ``chunk_multiple`` > 1, steps short of a multiple are held for the next call or
+        ``flush()``). Equals
         one call over the whole input when the graph streams. Only for graphs with a time
         axis in mode "stream" (UsageError otherwise). On any error the state is as before.
         """
@@ -179,18 +279,20 @@ class Stream:
         if len(lengths) != 1:
             raise StepInputError(f"run(): the data inputs have different time lengths {sorted(lengths)}")
         total = lengths.pop()
-        saved = self._engine.get_state()
+        saved, held, started = self._engine.get_state(), self._held, self._started
+        step = self._step_held if self._multiple > 1 or self._latency else self._step
         pieces: list[list] = [[] for _ in contract.outputs]
         try:
             for start in range(0, total, chunk):
                 feed = {t.name: a[(slice(None),) * t.time_axis + (slice(start, start + chunk),)]
                         for t, a in zip(self._data, arrays)}
-                y = self._step(feed, True)
+                y = step(feed, True)
                 outs = [y] if self._single_out else [y[n] for n in self._out_names]
                 for piece, out in zip(pieces, outs):
                     piece.append(out)
         except BaseException:
             self._engine.set_state(saved)
+            self._held, self._started = held, started
             raise
         joined = [np.concatenate(piece, axis=t.time_axis) for piece, t in zip(pieces, contract.outputs)]
         return joined[0] if self._single_out else dict(zip(self._out_names, joined))
@@ -200,7 +302,17 @@ class Stream:
         """Zero the state of every row, or of the rows where ``mask`` (bool, (batch,)) is True."""
         if mask is None:
             self._engine.zero_rows(None)
+            self._held = None
+            self._started = False
             return
+        if self._latency:
+            raise UsageError(f"reset(mask): this graph streams {self._latency} steps late "
+                             "(contract latency), counting a stream's first frames for all "
+                             "rows alike; call reset() for all rows")
+        if self.held:
+            raise UsageError(f"reset(mask): this stream holds {self.held} steps back for the "
+                             "next call (chunk_multiple), for all rows alike; flush() first or "
+                             "call reset() for all rows")
         mask = np.asarray(mask)
         if mask.dtype != np.bool_ or mask.shape != (self.batch,):
             raise UsageError(f"reset(mask): mask must be a bool array of shape ({self.batch},), got "

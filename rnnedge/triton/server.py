@@ -93,6 +93,15 @@ class Server:
             return ""
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the process that started it dies (even by
+    SIGKILL), so a killed ``rnnedge serve`` leaves no server behind (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start(env: ServerEnv, repo, ports: Ports, *, host: str = "127.0.0.1", log=None,
           verbose: bool = False) -> Server:
     """Start tritonserver on ``repo`` (not waiting for it: see ``wait_ready``)."""
@@ -110,7 +119,7 @@ def start(env: ServerEnv, repo, ports: Ports, *, host: str = "127.0.0.1", log=No
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env=server_environ(env),
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
     return Server(process, host, ports, log)
 
 

@@ -1,0 +1,335 @@
+"""Finding the ops along time of a model exported in stream mode, and how each streams.
+
+``analyse`` runs the model eagerly at two lengths with hooks on every convolution,
+pooling and transposed convolution (and a torch-function mode that sees ``F.pad``). An
+op runs along time when one of its spatial input axes follows the input's length: that
+axis is its time axis (any axis: Conv2d over (freq, time) or (time, freq) alike). Ops with
+no axis following the length (a per-frame conv, kernel 1 along time) are left as they
+are. Each op along time becomes a ``conv_cache.TemporalOp``: a cache state carried
+between calls like a recurrent state (``conv_cache``).
+
+What streams: causal ops (the model pads ``dilation*(kernel-1)`` zeros before the
+sequence, with the op's own ``padding`` or an ``F.pad``/pad module straight before it),
+and ops whose look-ahead is absorbed by their stride (e.g. kernel 3, padding 1, stride 2);
+transposed convolutions without time cropping (upsampling, their overlap carried);
+right padding whose extra end frames the model crops (``y[..., :T]``; the gate checks);
+strides of any size (chunks are then multiples of the total stride: ``chunk_multiple``).
+What is refused, by name, with why: ops that look ahead of the chunk (a centred kernel:
+latency, not streamed by this version), non-zero or reflect padding along time, max
+pooling over padded time, ``ceil_mode``, a pad along time that does not feed an op
+directly, ops called more than once per forward, and ops that see the whole sequence
+(InstanceNorm, attention, adaptive pooling over time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - PyTorch's own alias
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from rnnedge.errors import UnsupportedModelError
+from rnnedge.exporters.conv_cache import Caches, TemporalOp
+from rnnedge.exporters.inputs import resize
+
+CONVS = (nn.Conv1d, nn.Conv2d)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d)
+#: Modules that see the whole sequence along time: (types, why they cannot stream).
+WHOLE = (
+    ((nn.InstanceNorm1d, nn.InstanceNorm2d), "normalises over the time axis (statistics of "
+     "the whole sequence)"),
+    ((nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+      nn.TransformerEncoder, nn.Transformer), "attends over the whole sequence"),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
+     "pools to a fixed size, so each output frame depends on the whole sequence"),
+)
+#: How much longer the second probe run is (beyond any stride product in practice).
+GROW = 64
+
+
+@dataclass
+class _Seen:
+    """What one probe run saw one module do."""
+
+    calls: int = 0
+    shape: tuple = ()
+    out: tuple = ()
+    pad: int | None = None  # index of the F.pad call whose output it was given
+
+
+@dataclass
+class _Pads(TorchFunctionMode):
+    """Records every F.pad call: (input shape, pad, mode, value), and keeps its output."""
+
+    calls: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    feeding: set = field(default_factory=set)  # indices of calls whose output fed a module
+
+    def __post_init__(self):
+        super().__init__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.pad:
+            x, pad = args[0], tuple(args[1] if len(args) > 1 else kwargs["pad"])
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kwargs.get("value", None)
+            self.calls.append((tuple(x.shape), pad, mode, value))
+            self.outputs.append(out)
+        return out
+
+
+def _run(call, model: nn.Module, x) -> tuple[dict, list]:
+    seen: dict[str, _Seen] = {}
+    hooks = []
+    pads = _Pads()
+
+    def hook(path):
+        def pre(_module, args):
+            rec = seen.setdefault(path, _Seen())
+            rec.calls += 1
+            rec.shape = tuple(args[0].shape)
+            rec.pad = next((i for i, o in enumerate(pads.outputs) if o is args[0]), None)
+            if rec.pad is not None:
+                pads.feeding.add(rec.pad)
+        def post(_module, _args, out):
+            seen[path].out = tuple(out.shape)
+        return pre, post
+
+    watched = CONVS + TRANSPOSED + POOLS + tuple(t for types, _ in WHOLE for t in types)
+    for path, m in model.named_modules():
+        if isinstance(m, watched):
+            pre, post = hook(path)
+            hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with pads:
+            call(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, pads
+
+
+def _pad_at(pad: tuple, ndim: int, axis: int) -> tuple[int, int]:
+    """(left, right) of an F.pad tuple along ``axis`` of an ``ndim``-d input."""
+    k = 2 * (ndim - 1 - axis)
+    return (pad[k], pad[k + 1]) if k + 1 < len(pad) else (0, 0)
+
+
+def _pair(v, i: int) -> int:
+    return v[i] if isinstance(v, (tuple, list)) else v
+
+
+def _refuse(path: str, m: nn.Module, why: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{type(m).__name__} {path!r} runs along the time axis and {why}, so the model "
+        "cannot stream chunk by chunk; export it with mode='sequence' (--mode sequence)"
+    )
+
+
+def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], int]:
+    """(the ops along time, in module order; the chunk multiple) of ``model``.
+
+    call(x): runs the model's forward on the inputs ``x`` (a tuple). inputs: the
+    exporter's ``Input``s, one with a "time" axis; probe_x: inputs at the example's size.
+    """
+    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + GROW)
+                   if "time" in i.axes else x for i, x in zip(inputs, probe_x))
+    with torch.no_grad():
+        seen1, run1 = _run(call, model, probe_x)
+        seen2, run2 = _run(call, model, longer)
+    pads1, pads2 = run1.calls, run2.calls
+    modules = dict(model.named_modules())
+    feeding = run1.feeding
+    for i, (shape, pad, _mode, _value) in enumerate(pads1):
+        if i in feeding or i >= len(pads2):
+            continue
+        for a in range(len(shape)):
+            if shape[a] != pads2[i][0][a] and any(_pad_at(pad, len(shape), a)):
+                raise UnsupportedModelError(
+                    f"forward() pads along the time axis (F.pad {pad} on an input of shape "
+                    f"{shape}) where the padded tensor does not go straight into a convolution "
+                    "or pooling; rnnedge streams zero padding only as the cache of the op it "
+                    "feeds: pad right before the op (or with its own padding=), or export with "
+                    "mode='sequence'"
+                )
+    fused: set[int] = set()
+    ops, multiple = [], 1
+    for path, rec in seen1.items():
+        m = modules[path]
+        other = seen2.get(path)
+        if other is None or len(other.shape) != len(rec.shape):
+            continue
+        moving = [a for a in range(len(rec.shape)) if rec.shape[a] != other.shape[a]]
+        timed = [a for a in moving if a >= 2]
+        if not timed:
+            continue  # per frame (time folded into the batch, or no time at all)
+        for types, why in WHOLE:
+            if isinstance(m, types):
+                raise _refuse(path, m, why)
+        if len(timed) > 1:
+            raise _refuse(path, m, f"more than one of its axes {timed} follows the length")
+        if rec.calls > 1:
+            raise _refuse(path, m, f"is called {rec.calls} times per forward(), but rnnedge "
+                                   "carries one cache per op: use one module per call")
+        a = timed[0]
+        fl = fr = 0
+        if rec.pad is not None:
+            shape, pad, mode, value = pads1[rec.pad]
+            fl, fr = _pad_at(pad, len(shape), a)
+            if other.pad is None or _pad_at(pads2[other.pad][1], len(shape), a) != (fl, fr):
+                raise _refuse(path, m, "is fed an input padded along time by an amount that "
+                                       "depends on the length (lengths-dependent arithmetic)")
+            if fl or fr:
+                if mode != "constant" or (value or 0) != 0:
+                    raise _refuse(path, m, f"its input is padded along time with mode {mode!r} "
+                                           f"value {value!r}; only zero padding streams")
+                fused.add(rec.pad)
+        n1 = rec.shape[a] - fl - fr
+        n2 = other.shape[a] - fl - fr
+        op = _op(path, m, a, rec.out if isinstance(m, TRANSPOSED) else rec.shape, fl, fr)
+        if op is None:
+            continue  # kernel 1 and stride 1 along time: per frame
+        per_frame = Fraction(GROW, n2 - n1)  # model input frames per frame of this op's input
+        # Its input comes in whole frames; a conv/pool's also in whole strides (a transposed
+        # conv's output is s frames per input frame, whatever the count).
+        need = per_frame if op.kind == "transposed" else per_frame * op.stride
+        multiple = math.lcm(multiple, need.numerator)
+        ops.append(TemporalOp(**{**op.__dict__, "multiple": need.numerator}))
+    order = {path: k for k, (path, _) in enumerate(model.named_modules())}
+    ops.sort(key=lambda op: order[op.path])
+    late = next((op for op in ops if op.delay), None)
+    if late is not None and (multiple > 1 or any(op.stride > 1 or op.kind == "transposed" for op in ops)):
+        raise _refuse(late.path, modules[late.path],
+                      f"looks {late.delay} frame(s) ahead (streamed as latency) in a model with "
+                      "strided or transposed ops along time; this version streams look-ahead in "
+                      "stride-1 stacks only: pad it causally, or export with mode='sequence'")
+    lates = [op for op in ops if op.delay]
+    if len(lates) > 1:  # two data-dependent frame drops in one graph: the exporter aborts
+        raise _refuse(lates[1].path, modules[lates[1].path],
+                      f"looks {lates[1].delay} frame(s) ahead after {lates[0].path!r} does too; "
+                      "this version streams one look-ahead op per model (as latency): pad the "
+                      "others causally, or export with mode='sequence'")
+    return ops, multiple
+
+
+def latencies(caches: Caches, run, inputs, probe_x) -> list[int | None]:
+    """Set each look-ahead op's ``up`` (the input frames the ops before it delay its input
+    by) and return each flat data output's time axis (None: none), from streamed runs.
+
+    run(x): the model's streamed form (caches installed, zero states) on inputs ``x``;
+    returns its flat data outputs. Refuses a model whose outputs lag by different amounts
+    or that joins paths of different latencies (a skip connection around a look-ahead op).
+    """
+    late = [c for c in caches.ops if c.op.delay]
+    longest = sum(c.op.delay for c in late) + GROW
+    lengths = [x.shape[i.axes.index("time")] + longest if "time" in i.axes else None
+               for i, x in zip(inputs, probe_x)]
+    total = next(t for t in lengths if t is not None)
+    outs = []
+    for extra in (0, 8):
+        x = tuple(x if t is None else resize(x, i.axes.index("time"), t + extra)
+                  for i, x, t in zip(inputs, probe_x, lengths))
+        try:
+            with torch.no_grad():
+                outs.append(run(x))
+        except Exception as exc:  # noqa: BLE001 - shapes that no longer line up
+            names = ", ".join(f"{c.op.path!r} ({c.op.delay})" for c in late)
+            raise UnsupportedModelError(
+                f"the model fails when streamed with its look-ahead ops {names} late by their "
+                f"look-ahead ({type(exc).__name__}): a skip connection or concatenation joins "
+                "paths of different latencies, which this version does not align; pad those "
+                "ops causally, or export with mode='sequence'") from exc
+        if extra == 0:
+            for c in late:
+                c.op = dataclasses.replace(c.op, up=total - c.slot.length)
+    axes = []
+    for a, b in zip(*outs):
+        moving = [k for k in range(a.dim()) if a.shape[k] != b.shape[k]]
+        axes.append(moving[0] if moving else None)
+    lags = {total - a.shape[k] for a, k in zip(outs[0], axes) if k is not None}
+    if lags != {caches.latency}:
+        raise UnsupportedModelError(
+            f"the model's outputs come late by {sorted(lags)} frames when streamed, not by the "
+            f"latency of its look-ahead ops ({caches.latency}); pad them causally, or export with "
+            "mode='sequence'")
+    return axes
+
+
+def _op(path: str, m: nn.Module, a: int, shape: tuple, fl: int, fr: int) -> TemporalOp | None:
+    """The TemporalOp of module ``m`` along axis ``a`` of its input, or None for an op that
+    works per frame; ``shape``: its input's (its output's for a transposed conv)."""
+    i = a - 2
+    if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+        k, d = _pair(m.kernel_size, i), _pair(m.dilation, i)
+    elif isinstance(m, POOLS):
+        k, d = _pair(m.kernel_size, i), 1
+    else:
+        k, d = m.kernel_size[i], m.dilation[i]
+    s = _pair(m.stride, i) if not isinstance(m, POOLS) or m.stride else k
+    span = d * (k - 1) + 1
+    padding = m.padding
+    if isinstance(padding, str):
+        total = 0 if padding == "valid" else span - 1
+        pl, pr = total // 2, total - total // 2
+    else:
+        pl = pr = _pair(padding, i)
+    if getattr(m, "padding_mode", "zeros") != "zeros" and pl:
+        raise _refuse(path, m, f"pads time with padding_mode {m.padding_mode!r}; only zeros stream")
+    if getattr(m, "ceil_mode", False):
+        raise _refuse(path, m, "uses ceil_mode=True, whose last window depends on the length")
+    left, right = pl + fl, pr + fr
+    if span == 1 and s == 1 and not (left or right):
+        return None
+    cache_shape = tuple("batch" if j == 0 else (None if j == a else int(n)) for j, n in enumerate(shape))
+    if isinstance(m, TRANSPOSED):
+        if pl or _pair(m.output_padding, i) or fl or fr:
+            raise _refuse(path, m, "crops or pads its output along time (padding/output_padding), "
+                                   "which depends on where the sequence ends; crop after it instead")
+        if span < s:
+            raise _refuse(path, m, f"has a kernel reach {span} shorter than its stride {s}")
+        c = span - s
+        kind = "transposed"
+    else:
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)) and left:
+            raise _refuse(path, m, "pads time with -inf, which a zero cache cannot stand for")
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and left and not m.count_include_pad:
+            raise _refuse(path, m, "averages without counting its padding (count_include_pad="
+                                   "False), which a zero cache cannot stand for")
+        # The one cache length in [span - s, span - 1] that keeps the windows where the
+        # model puts them (congruent to left modulo the stride).
+        c = span - s + (left - (span - s)) % s
+        if c < 0:
+            raise _refuse(path, m, f"has a stride {s} larger than its kernel reach {span}, so it "
+                                   "skips frames across chunks")
+        if c < left:
+            raise _refuse(path, m, f"pads {left} frame(s) before the sequence, more than its "
+                                   f"kernel reach {span} needs")
+        delay = 0
+        if c > left:  # it emits (c - left) / s frames before the sequence starts: latency
+            delay = c - left
+            if s != 1:
+                raise _refuse(path, m, f"looks {delay} frame(s) ahead of each output at stride {s}; "
+                                       "this version streams look-ahead (as latency) at stride 1 "
+                                       "only: pad it causally (dilation*(kernel-1) frames before "
+                                       "the sequence, none after)")
+            if right != delay:
+                raise _refuse(path, m, f"looks {delay} frame(s) ahead of each output but pads "
+                                       f"{right} after the sequence; look-ahead streams as latency "
+                                       "where the op keeps the length ('same' padding: as many "
+                                       "frames after as it looks ahead)")
+        # Right padding adds (left + right - span) // s + 1 frames at the sequence's end that
+        # a stream never emits: fine where the model crops them (y[..., :T]); else the gate
+        # finds the streamed output short and refuses the graph.
+        kind = "conv" if isinstance(m, CONVS) else "pool"
+        return TemporalOp(path, kind, a, span, s, left, fl, fr, c,
+                          tuple(c if n is None else n for n in cache_shape), delay=delay)
+    cache_shape = tuple(c if n is None else n for n in cache_shape)
+    return TemporalOp(path, kind, a, span, s, left, fl, fr, c, cache_shape)

@@ -1,0 +1,111 @@
+"""The frames a stream holds back for graphs whose chunks are multiples of a stride.
+
+A stream graph with strided ops along time (contract ``chunk_multiple`` m > 1) takes, on
+every call but a stream's last, a multiple of m time steps. ``Stream.step`` accepts any
+length: it feeds the largest multiple of m of (held frames + new frames) and holds the
+rest (fewer than m steps per data input, along each input's own time axis) for the next
+call; ``Stream.flush`` feeds what is held padded with zeros to m steps and returns the
+outputs of the real frames only. Frames held are this stream's own state, next to the
+graph's (``Stream.held``); ``reset`` drops them. numpy only.
+
+Graphs with ``latency`` > 0 (look-ahead convolutions streamed late) drop the first
+``latency`` frames of a stream inside; their first call must have more than ``latency``
+steps (so that every op emits a frame), so a stream's first steps are held until there
+are (``first``); their flush call takes what is held and ``latency`` zero steps
+(``extended``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(start, stop)
+    return a[tuple(index)]
+
+
+def split(arrays: list, axes: list, held: list | None, multiple: int) -> tuple[list | None, list]:
+    """(the arrays to feed now, or None when under ``multiple`` steps; the frames to hold).
+
+    arrays: one per data input, checked; axes: each one's time axis (None: no time axis,
+    fed as given); held: what the last call held, or None.
+    """
+    if held is not None:
+        arrays = [a if ax is None else np.concatenate([h, a], axis=ax)
+                  for a, h, ax in zip(arrays, held, axes)]
+    total = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
+    cut = total - total % multiple
+    keep = [None if ax is None else _take(a, ax, cut, total).copy() for a, ax in zip(arrays, axes)]
+    if cut == 0:
+        return None, keep
+    return [a if ax is None else _take(a, ax, 0, cut) for a, ax in zip(arrays, axes)], keep
+
+
+def held_steps(held: list | None, axes: list) -> int:
+    """How many time steps ``held`` holds (0 for None)."""
+    if held is None:
+        return 0
+    return next(h.shape[ax] for h, ax in zip(held, axes) if ax is not None)
+
+
+def padded(held: list, axes: list, multiple: int) -> list:
+    """``held`` zero-padded along time to ``multiple`` steps (the model's own end: zeros)."""
+    out = []
+    for h, ax in zip(held, axes):
+        if ax is None:
+            out.append(h)
+            continue
+        width = [(0, 0)] * h.ndim
+        width[ax] = (0, multiple - h.shape[ax])
+        out.append(np.pad(h, width))
+    return out
+
+
+def trim(value: np.ndarray, axis: int | None, real: int, fed: int) -> np.ndarray:
+    """An output of a padded call cut to the frames of the ``real`` of ``fed`` input steps
+    (ceil of the output's own rate: causal ops make them equal to the whole input's)."""
+    if axis is None:
+        return value
+    keep = math.ceil(real * value.shape[axis] / fed)
+    return _take(value, axis, 0, keep).copy()
+
+
+def empty(shape: tuple, dtype, axis: int, batch: int) -> np.ndarray:
+    """A zero-step output: ``shape`` (the contract's) with batch rows and 0 along ``axis``."""
+    dims = [0 if i == axis else batch if d == "batch" else (d if isinstance(d, int) else 0)
+            for i, d in enumerate(shape)]
+    return np.zeros(dims, dtype)
+
+
+def first(arrays: list, axes: list, held: list | None, latency: int) -> tuple[list | None, list | None]:
+    """(the arrays to feed now, or None while a stream's first steps are no more than
+    ``latency``; the frames to hold, or None)."""
+    if held is not None:
+        arrays = [a if ax is None else np.concatenate([h, a], axis=ax)
+                  for a, h, ax in zip(arrays, held, axes)]
+    total = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
+    if total <= latency:
+        return None, [a.copy() for a in arrays]
+    return arrays, None
+
+
+def take_none(spec, batch: int) -> np.ndarray:
+    """A zero-step array for data input ``spec`` (a TensorSpec with a time axis)."""
+    return empty(spec.shape, spec.dtype, spec.time_axis, batch)
+
+
+def extended(held: list, axes: list, steps: int) -> list:
+    """``held`` with ``steps`` zero steps appended along each one's time axis."""
+    out = []
+    for h, ax in zip(held, axes):
+        if ax is None:
+            out.append(h)
+            continue
+        width = [(0, 0)] * h.ndim
+        width[ax] = (0, steps)
+        out.append(np.pad(h, width))
+    return out
