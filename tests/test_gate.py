@@ -246,6 +246,18 @@ def test_a_passing_result_raises_nothing_and_summarizes():
         "atol": 0.05, "rtol": 0.05, "drift": 0.1, "drift_limit": 0.25}
 
 
+def test_summarize_takes_the_referee_figures_from_the_cases_that_ran():
+    def refereed(case, ref, eager):
+        return gate.CaseResult(case, (gate.TensorResult("output", "output", 0.0, 0.0, True,
+                                                        None, ref, eager),))
+
+    rows = (refereed(full(1), 1e-7, 2e-7), refereed(full(7), 3e-7, 1e-7),
+            gate.CaseResult(full(2000), (), "the model raised RuntimeError: too long", "model"))
+    summary = gate.summarize(gate.GateResult(gate.policy_for("fp32"), rows))
+    assert summary["referee"] == "float64" and summary["cases"] == 3
+    assert (summary["ref_max_abs"], summary["eager_max_abs"]) == (3e-7, 2e-7)
+
+
 def test_case_grid_follows_the_plan(tiny_gru):
     from rnnedge.exporters.api import make_plan
 

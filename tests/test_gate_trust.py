@@ -25,7 +25,7 @@ from torch import nn
 import rnnedge
 from rnnedge import gate
 from rnnedge.errors import ParityError, UsageError
-from rnnedge.exporters.verify import verify
+from rnnedge.exporters.verify import raise_on_failure, verify
 from tests.conftest import TINY_GRU
 
 torch.set_num_threads(1)  # tiny models: threads only add noise and contention
@@ -224,6 +224,23 @@ def test_an_exception_raised_by_eager_in_the_gate_is_the_models(tmp_path):
     # With the lengths it takes, it exports.
     rnnedge.export(RaisesPastLength().eval(), tmp_path / "x.onnx",
                    example_input=torch.randn(1, 5, 4), mode="sequence", max_length=60)
+
+
+def test_verify_says_an_exception_raised_by_eager_is_the_models(tmp_path):
+    torch.manual_seed(0)
+    model = RaisesPastLength().eval()
+    path = tmp_path / "x.onnx"
+    rnnedge.export(model, path, example_input=torch.randn(1, 5, 4), mode="sequence",
+                   max_length=60)
+    report = verify(path, model)  # its default lengths go past 60
+    assert not report.passed
+    with pytest.raises(ParityError) as info:
+        raise_on_failure(report)
+    message = str(info.value)
+    assert "the model raised RuntimeError: positional table holds 60 steps" in message
+    assert "the model's error, not the graph's" in message and "--max-length" in message
+    assert "does not equal the model" not in message and "\n" not in message
+    assert verify(path, model, max_length=60).passed  # the control passes
 
 
 BAD_RANGES = [

@@ -314,36 +314,35 @@ def _gate(plan, data, policy, providers, device, progress):
 def prepare_targets(path, plan, graph: onnx.ModelProto, proof: Proof, options: ExportOptions,
                     note: Note, stage: external.Stage | None = None) -> list[Target]:
     """Every target, in write order: the Triton repository first (when asked), the graph
-    file last, so that a graph file that cannot be written rolls the repository back."""
+    file last, so that a graph file that cannot be written rolls the repository back.
+
+    The graph's metadata is written once and the graph serialized at most once: the graph
+    file and a Python-backend Triton model (which serves the proven graph itself) share it."""
+    write_metadata(graph, plan.spec.metadata_json(proof.summary))
+    staged = stage is not None and external.has_external_data(graph)
+    # Weights staged or going to PATH.data (graphs/external.py): the file needs no bytes.
+    external_file = staged or external.needs_external_data(graph)
+    python = options.triton_repo is not None and options.triton_backend == "python"
+    data = graph.SerializeToString() if python or not external_file else b""
     targets = []
     if options.triton_repo is not None:
-        targets.append(triton_target(plan, graph, proof, options, note))
-    targets.append(graph_target(path, plan, graph, proof, stage))
+        targets.append(triton_target(plan, graph, data, proof, options, note))
+    targets.append(Target("graph", Path(path), b"" if external_file else data, graph,
+                          stage=stage if staged else None))
     return targets
 
 
-def graph_target(path, plan, graph: onnx.ModelProto, proof: Proof,
-                 stage: external.Stage | None = None) -> Target:
-    write_metadata(graph, plan.spec.metadata_json(proof.summary))
-    if stage is not None and external.has_external_data(graph):  # its data is staged
-        return Target("graph", Path(path), b"", graph, stage=stage)
-    big = external.needs_external_data(graph)  # weights then go to PATH.data (graphs/external.py)
-    return Target("graph", Path(path), b"" if big else graph.SerializeToString(), graph)
-
-
-def triton_target(plan, graph: onnx.ModelProto, proof: Proof, options: ExportOptions,
-                  note: Note) -> Target:
+def triton_target(plan, graph: onnx.ModelProto, data: bytes, proof: Proof,
+                  options: ExportOptions, note: Note) -> Target:
     """The Triton model: the batch-first variant (``rnnedge.triton``), gated under the
-    graph's own policy on the same device, and its config.pbtxt."""
+    graph's own policy on the same device, and its config.pbtxt. data: the serialized
+    ``graph`` with its metadata, which the Python backend serves as it is."""
     from rnnedge import triton
 
     if options.triton_backend == "python":  # the proven graph itself: no variant to prove
         from rnnedge.triton.python_backend import prepare_python
 
-        served = onnx.ModelProto()
-        served.CopyFrom(graph)
-        write_metadata(served, plan.spec.metadata_json(proof.summary))
-        data, config, extra = prepare_python(served.SerializeToString(), options.triton_name)
+        data, config, extra = prepare_python(data, options.triton_name)
         return Target("triton", options.triton_repo, data, name=options.triton_name,
                       config=config, cases=proof.cases, extra=extra)
 

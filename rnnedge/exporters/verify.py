@@ -18,6 +18,15 @@ from pathlib import Path
 
 from rnnedge.contract import ExportSpec, from_json
 from rnnedge.errors import ContractError, ParityError, UnsupportedModelError, UsageError
+from rnnedge.gate import (
+    PRECISIONS,
+    GateResult,
+    model_failure,
+    per_tensor,
+    policy_for,
+    run_gate,
+    tensor_failure,
+)
 from rnnedge.graphs.external import inline_external_data
 from rnnedge.graphs.metadata import read_metadata
 
@@ -31,8 +40,12 @@ class GraphFile:
 
     path: Path
     data: bytes
-    meta: dict  # contract.metadata(): the contract as a JSON-ready dict
     contract: ExportSpec
+
+    @property
+    def meta(self) -> dict:
+        """The contract as a JSON-ready dict (``contract.metadata()``)."""
+        return self.contract.metadata()
 
     @property
     def data_inputs(self) -> list[dict]:
@@ -46,8 +59,8 @@ class GraphFile:
     @property
     def dtype(self) -> str:
         """The dtype that picks the default tolerances (the first output's)."""
-        outs = self.meta.get("outputs") or [{}]
-        return outs[0].get("dtype", "float32")
+        outputs = self.contract.outputs
+        return outputs[0].dtype if outputs else "float32"
 
 
 def read_graph(path: str | os.PathLike) -> GraphFile:
@@ -74,7 +87,7 @@ def read_graph(path: str | os.PathLike) -> GraphFile:
         spec = from_json(text)
     except ContractError as exc:
         raise ContractError(f"{path}: {exc}") from None
-    return GraphFile(path, data, spec.metadata(), spec)
+    return GraphFile(path, data, spec)
 
 
 def _describe(t: dict) -> str:
@@ -131,14 +144,13 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
                    state_arg: str | None = None):
     """Rebuild ``module``'s export plan in ``graph``'s mode and opset; check it matches.
 
-    Returns a ``parity.Plan`` whose ``reference``/``sample`` drive the gate. Raises
+    Returns a ``gate.Plan`` whose ``reference``/``sample`` drive the gate. Raises
     ContractError when the model's spec does not match the file's contract (the graph was
     not exported from a model of this shape), and the exporter's own errors otherwise.
     """
     from rnnedge.exporters.api import make_plan
     from rnnedge.exporters.layers import is_layer
 
-    meta = graph.meta
     derived = input_axes is None and example_input is None
     if example_input is None:
         example_input, input_axes = example_for(module, graph, input_axes, input_dtype)
@@ -149,7 +161,8 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
     data = graph.contract.data_inputs
     names = [t.name for t in data] if len(data) == len(input_axes or data) else None
     try:
-        plan = make_plan(module, example_input, meta["mode"], int(meta["opset"]), graph.has_lengths,
+        plan = make_plan(module, example_input, graph.contract.mode, int(graph.contract.opset),
+                         graph.has_lengths,
                          input_axes, min_length, input_names=names if not is_layer(module) else None,
                          constants=[t.name for t in data if t.constant], state_arg=state_arg)
     except (UsageError, UnsupportedModelError) as exc:
@@ -161,7 +174,7 @@ def plan_for_graph(module, graph: GraphFile, example_input=None, input_axes: tup
             f"{graph.path} was not exported from this model: its input "
             f"{_describe(graph.data_inputs[0])} does not fit {name} ({exc})"
         ) from None
-    diffs = contract_differences(meta, plan.spec.metadata())
+    diffs = contract_differences(graph.meta, plan.spec.metadata())
     if diffs:
         raise ContractError(
             f"{graph.path} was not exported from this model ({name}): graph vs model: "
@@ -197,47 +210,66 @@ def _num(x):
 
 @dataclass
 class VerifyReport:
-    """The outcome of ``verify``.
+    """The outcome of ``verify``: the gate's ``result`` on the file, and where it ran.
 
-    cases: gate CaseResult per case (``.name``, ``.max_abs``, ``.max_rel``, ``.drift``,
-    ``.passed``, ``.misses``, ``.error``); the verdict is theirs, under the graph's policy.
-    tensors: per output and state (states named by their graph output), a TensorSummary:
-    worst max_abs / max_rel (and drift, for a reduced-precision graph) over all cases, the
-    case where the worst abs error happened, and whether it passed every case.
-    max_rel is always a relative error; drift (rms(graph - eager) / rms(eager), judged
-    against drift_limit) is reported on its own, and only for int8/fp16 graphs.
+    Its figures and verdict are the result's (``rnnedge.gate.GateResult``), under the
+    graph's policy: ``cases`` (gate CaseResults: ``.name``, ``.max_abs``, ``.max_rel``,
+    ``.drift``, ``.passed``, ``.misses``, ``.error``), ``passed``, ``failed``, ``max_abs``,
+    ``max_rel``, ``drift`` (rms(graph - eager) / rms(eager), judged against
+    ``drift_limit``, only for int8/fp16 graphs; max_rel is always a relative error),
+    ``atol``, ``rtol``. tensors: per output and state (states named by their graph
+    output), a TensorSummary: worst max_abs / max_rel (and drift) over all cases, the case
+    where the worst abs error happened, and whether it passed every case.
     """
 
     path: Path
-    passed: bool
-    cases: list
-    tensors: list = field(default_factory=list)
-    atol: float = 0.0
-    rtol: float = 0.0
+    result: GateResult = field(repr=False)
     device: str = "cpu"
     source: str = ""
     plan: object = field(default=None, repr=False)  # the rebuilt gate Plan, for reuse (bench)
     precision: str = "fp32"  # "int8"/"fp16" graphs run their export's reduced-precision gate
-    drift_limit: float | None = None  # the reduced-precision policy's drift bound
+    tensors: list = field(init=False, default_factory=list)
+
+    def __post_init__(self):
+        self.tensors = per_tensor(self.result)
+
+    @property
+    def cases(self) -> tuple:
+        return self.result.cases
+
+    @property
+    def passed(self) -> bool:
+        return self.result.passed
+
+    @property
+    def failed(self) -> list:
+        return self.result.failed
 
     @property
     def max_abs(self) -> float:
-        return max((c.max_abs for c in self.cases), default=0.0)
+        return self.result.max_abs
 
     @property
     def max_rel(self) -> float:
-        return max((c.max_rel for c in self.cases), default=0.0)
+        return self.result.max_rel
 
     @property
     def drift(self) -> float | None:
         """Worst drift over the drift-judged cases; None for a float32 graph."""
-        if self.drift_limit is None:
-            return None
-        return max((c.drift for c in self.cases if c.drift is not None), default=0.0)
+        return self.result.drift
 
     @property
-    def failed(self) -> list:
-        return [c for c in self.cases if not c.passed]
+    def atol(self) -> float:
+        return self.result.policy.atol
+
+    @property
+    def rtol(self) -> float:
+        return self.result.policy.rtol
+
+    @property
+    def drift_limit(self) -> float | None:
+        """The reduced-precision policy's drift bound (None for a float32 graph)."""
+        return self.result.policy.drift_limit
 
     def as_dict(self) -> dict:
         return {
@@ -268,20 +300,14 @@ class VerifyReport:
         }
 
     def failure_message(self) -> str:
-        """One line naming the failing cases' worst tensors (empty when passed)."""
-        failed = self.failed
-        if not failed:
+        """One line, in the gate's words, naming the failing cases' worst tensors (empty
+        when passed); when eager PyTorch raised, that it is the model's error."""
+        if self.passed:
             return ""
-        broken = [c for c in failed if c.error]
-        worst = [t for t in self.tensors if not t.passed]
-        parts = [f"{t.name} max abs {t.max_abs:.3g} max rel {t.max_rel:.3g}"
-                 + ("" if t.drift is None else f" drift {t.drift:.3g}")
-                 + f" (worst in '{t.worst_case}')" for t in worst]
-        if broken:
-            parts.append(f"in '{broken[0].name}': {broken[0].error}")
-        bound = "" if self.drift_limit is None else f", drift <= {self.drift_limit:g}"
-        return (f"parity failed: {len(failed)} of {len(self.cases)} cases differ beyond "
-                f"atol={self.atol:g}, rtol={self.rtol:g}{bound}: " + "; ".join(parts)
+        raised = model_failure(self.result)
+        if raised:
+            return f"{raised}; {self.path.name} was not judged"
+        return (tensor_failure(self.result, self.tensors)
                 + f"; {self.path.name} does not equal the model")
 
 
@@ -308,7 +334,6 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
     UsageError / DeviceError for bad arguments.
     """
     from rnnedge.exporters.inference import inference_mode
-    from rnnedge.gate import per_tensor, policy_for, run_gate
 
     graph = read_graph(graph_path)
     precision = _precision_of(graph)
@@ -319,17 +344,14 @@ def verify(graph_path, model, *, example_input=None, input_axes: tuple | None = 
                               state_arg)
         providers, actual = providers_for(device, graph.data)
         result = run_gate(plan, graph.data, policy, providers=providers, progress=progress)
-    return VerifyReport(graph.path, result.passed, list(result.cases), per_tensor(result),
-                        policy.atol, policy.rtol, actual, source or type(model).__name__, plan,
-                        precision, policy.drift_limit)
+    return VerifyReport(graph.path, result, actual, source or type(model).__name__, plan,
+                        precision)
 
 
 def _precision_of(graph: GraphFile) -> str:
     """"fp32" for a float graph; "int8"/"fp16" for graphs whose export recorded
     ``parity.precision`` and which the gate's reduced-precision policy then proves."""
-    from rnnedge.gate import PRECISIONS
-
-    precision = str((graph.meta.get("parity") or {}).get("precision", "fp32"))
+    precision = str((graph.contract.parity or {}).get("precision", "fp32"))
     if precision not in PRECISIONS:
         raise ContractError(
             f"{graph.path} was exported at precision {precision!r}, which this rnnedge cannot "

@@ -8,7 +8,8 @@
 - ``compare``: per-tensor figures of one case (max abs, max rel, drift);
 - ``tolerance`` / ``policy``: what counts as a pass, per dtype and precision;
 - ``runner``: ``run_gate(plan, model_bytes, policy) -> GateResult``, the one runner;
-- ``verdict``: the metadata summary, per-tensor worst figures, the ParityError.
+- ``verdict``: the metadata summary, per-tensor worst figures, the failure messages and
+  the ParityError.
 """
 
 from rnnedge.gate.cases import Case, gate_cases
@@ -18,7 +19,14 @@ from rnnedge.gate.plan import Plan
 from rnnedge.gate.policy import DRIFT, PRECISIONS, Policy, policy_for
 from rnnedge.gate.runner import CaseResult, GateResult, run_gate
 from rnnedge.gate.tolerance import TOLERANCES
-from rnnedge.gate.verdict import TensorSummary, per_tensor, raise_on_failure, summarize
+from rnnedge.gate.verdict import (
+    TensorSummary,
+    model_failure,
+    per_tensor,
+    raise_on_failure,
+    summarize,
+    tensor_failure,
+)
 
 __all__ = [
     "DEFAULT_MAX",
@@ -35,9 +43,11 @@ __all__ = [
     "TensorSummary",
     "check_length_range",
     "gate_cases",
+    "model_failure",
     "per_tensor",
     "policy_for",
     "raise_on_failure",
     "run_gate",
     "summarize",
+    "tensor_failure",
 ]

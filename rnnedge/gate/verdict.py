@@ -19,9 +19,10 @@ def summarize(result: GateResult, device: str = "cpu") -> dict:
     where (``device``)."""
     summary = {"max_abs": result.max_abs, "max_rel": result.max_rel, "cases": len(result.cases),
                "referee": result.referee}
-    if result.referee == "float64":
-        summary["ref_max_abs"] = max(c.ref_max_abs for c in result.cases)
-        summary["eager_max_abs"] = max(c.eager_max_abs for c in result.cases)
+    if result.referee == "float64":  # over the cases that ran: one that raised has no figures
+        ran = [c for c in result.cases if c.error is None]
+        summary["ref_max_abs"] = max(c.ref_max_abs for c in ran)
+        summary["eager_max_abs"] = max(c.eager_max_abs for c in ran)
     if result.span is not None:
         summary.update(min_length=result.span.low, max_length=result.span.high)
     summary["nan_propagates"] = result.nan_propagates
@@ -82,6 +83,41 @@ def describe_failure(r: CaseResult, by_drift: bool = False) -> str:
     return f"[{r.name}: " + ", ".join(parts) + "]"
 
 
+def model_failure(result: GateResult) -> str:
+    """One line for a result where eager PyTorch raised in some case: the model's error,
+    not the graph's, and what to give so it runs ("" when eager never raised)."""
+    raised = [r for r in result.failed if r.culprit == "model"]
+    if not raised:
+        return ""
+    first = raised[0]
+    return (f"parity gate could not run the model itself: in {len(raised)} of "
+            f"{len(result.cases)} cases eager PyTorch raised, first in '{first.name}': "
+            f"{first.error}; this is the model's error, not the graph's: make forward() take "
+            "every batch size and length it will be called with, or give the range of lengths "
+            "it takes (min_length/max_length, --min-length/--max-length)")
+
+
+def tensor_failure(result: GateResult, tensors: list[TensorSummary] | None = None) -> str:
+    """One line for a missed result, by tensor: 'parity failed: N of M cases differ beyond
+    atol, rtol[, drift]: each failing tensor's worst figures and the case they were in',
+    then the first case the graph could not run, with its error ("" when passed).
+    tensors: ``per_tensor(result)``, when the caller has it already."""
+    failed = result.failed
+    if not failed:
+        return ""
+    policy = result.policy
+    worst = [t for t in (per_tensor(result) if tensors is None else tensors) if not t.passed]
+    parts = [f"{t.name} max abs {t.max_abs:.3g} max rel {t.max_rel:.3g}"
+             + ("" if t.drift is None else f" drift {t.drift:.3g}")
+             + f" (worst in '{t.worst_case}')" for t in worst]
+    broken = [c for c in failed if c.error]
+    if broken:
+        parts.append(f"in '{broken[0].name}': {broken[0].error}")
+    bound = "" if policy.drift_limit is None else f", drift <= {policy.drift_limit:g}"
+    return (f"parity failed: {len(failed)} of {len(result.cases)} cases differ beyond "
+            f"atol={policy.atol:g}, rtol={policy.rtol:g}{bound}: " + "; ".join(parts))
+
+
 def raise_on_failure(result: GateResult) -> None:
     """Raise ParityError naming each failing case and tensor, if any case failed."""
     failed = result.failed
@@ -89,14 +125,9 @@ def raise_on_failure(result: GateResult) -> None:
         return
     policy = result.policy
     n, total = len(failed), len(result.cases)
-    raised = [r for r in failed if r.culprit == "model"]
+    raised = model_failure(result)
     if raised:
-        first = raised[0]
-        message = (f"parity gate could not run the model itself: in {len(raised)} of {total} "
-                   f"cases eager PyTorch raised, first in '{first.name}': {first.error}; this is "
-                   "the model's error, not the graph's: make forward() take every batch size and "
-                   "length it will be called with, or give the range of lengths it takes "
-                   "(min_length/max_length, --min-length/--max-length); nothing was written")
+        message = raised + "; nothing was written"
     elif policy.drift_limit is None:
         parts = " ".join(describe_failure(r) for r in failed)
         message = (f"parity gate failed: {n} of {total} cases differ from eager PyTorch beyond "

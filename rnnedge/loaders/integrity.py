@@ -12,7 +12,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from rnnedge.errors import ModelLoadError, UsageError
+from rnnedge.errors import ModelLoadError, UsageError, first_line
 
 CHUNK = 1 << 20  # members are streamed: a model file is never held in memory twice
 
@@ -47,8 +47,7 @@ def check_zip_members(path: Path) -> int:
 
 
 def _reason(exc: Exception) -> str:
-    text = str(exc)
-    return "CRC-32 mismatch" if "CRC" in text else (text.splitlines()[0][:120] if text else type(exc).__name__)
+    return "CRC-32 mismatch" if "CRC" in str(exc) else first_line(exc, 120)
 
 
 def check_finite_weights(model, what: str = "the model") -> None:
