@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,9 @@ class TensorSpec:
     time_axis: this tensor's own time axis, or None (no time axis): by default the
     position of "time" in ``shape`` (e.g. 2 for a (batch, 1, time, 80) input, 1 for its
     (batch, time, 29) output). time_ratio: for outputs, the steps of this tensor per step
-    of the inputs (2 for an output that upsamples time by 2); 1 otherwise.
+    of the inputs: an int (2 for an output that upsamples time by 2; 1 otherwise), or
+    (1, 4) — one step per 4 input steps — for an output downsampled by strides along time
+    (written as ``[1, 4]``).
     """
 
     name: str
@@ -58,7 +61,7 @@ class TensorSpec:
     range: tuple[int, int] | None = None
     constant: bool = False
     time_axis: int | None = None
-    time_ratio: int = 1
+    time_ratio: int | tuple[int, int] = 1
 
     def __post_init__(self):
         if self.time_axis is None and "time" in self.shape:  # frozen: hence __setattr__
@@ -83,7 +86,8 @@ class TensorSpec:
         if self.time_axis is not None:
             out["time_axis"] = self.time_axis
         if self.time_ratio != 1:
-            out["time_ratio"] = self.time_ratio
+            ratio = self.time_ratio
+            out["time_ratio"] = list(ratio) if isinstance(ratio, tuple) else ratio
         return out
 
 
@@ -280,8 +284,12 @@ def _tensor(raw, where: str, graph_axis: int | None = None) -> TensorSpec:
     else:  # older files: the graph's one time_axis, where the tensor has such an axis
         axis = _global_time_axis(graph_axis, TensorSpec(name, dtype, shape))
     ratio = raw.get("time_ratio", 1)
-    if not _is_int(ratio) or ratio < 1:
-        raise _fail(f"{where}: time_ratio must be an int >= 1, got {ratio!r}")
+    if isinstance(ratio, list) and len(ratio) == 2 and all(_is_int(r) and r >= 1 for r in ratio) \
+            and ratio[1] > 1 and math.gcd(*ratio) == 1:
+        ratio = (ratio[0], ratio[1])
+    elif not _is_int(ratio) or ratio < 1:
+        raise _fail(f"{where}: time_ratio must be an int >= 1 or a reduced fraction "
+                    f"[num, den] with den > 1, got {ratio!r}")
     return TensorSpec(name, dtype, shape, span, constant, axis, ratio)
 
 

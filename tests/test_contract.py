@@ -36,6 +36,15 @@ def test_round_trip():
     assert json.loads(SPEC.metadata_json({"cases": 9}))["parity"] == {"cases": 9}
 
 
+@pytest.mark.parametrize("ratio,written", [(2, 2), ((1, 4), [1, 4]), ((3, 2), [3, 2])])
+def test_time_ratio_round_trips(ratio, written):
+    spec = SPEC.replace(outputs=(TensorSpec("output", "float32", ("batch", "time", 5),
+                                            time_ratio=ratio),))
+    meta = json.loads(spec.to_json())
+    assert meta["outputs"][0]["time_ratio"] == written
+    assert from_json(spec.to_json()).outputs[0].time_ratio == ratio
+
+
 def test_older_metadata_without_optional_entries_reads():
     meta = SPEC.metadata()
     for key in ("time_axis", "source", "parity"):
@@ -106,6 +115,10 @@ _DROP = object()
     (_set(["states", 0, "init"], "random"), "unknown init 'random'"),
     (_set(["states", 0, "dtype"], "complex64"), "dtype 'complex64'"),
     (_set(["parity"], [1]), "'parity' must be an object"),
+    (_set(["outputs", 0, "time_ratio"], 0), "time_ratio must be an int >= 1 or a reduced fraction"),
+    (_set(["outputs", 0, "time_ratio"], [2, 4]), "time_ratio must be an int >= 1 or a reduced fraction"),
+    (_set(["outputs", 0, "time_ratio"], [1, 1]), "time_ratio must be an int >= 1 or a reduced fraction"),
+    (_set(["outputs", 0, "time_ratio"], 0.25), "time_ratio must be an int >= 1 or a reduced fraction"),
 ])
 def test_validation_errors(change, message):
     meta = copy.deepcopy(SPEC.metadata())

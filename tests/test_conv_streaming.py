@@ -236,6 +236,8 @@ def test_inspect_shows_chunk_multiple_and_caches(exported, cli):
     result = cli("inspect", path)
     assert result.exit_code == 0, result.output
     assert "chunks of a multiple of 4 steps" in result.output
+    # One output step per 4 input steps: the contract says so, for apps sizing buffers.
+    assert _metadata(path)["outputs"][0]["time_ratio"] == [1, 4]
     assert "2 conv cache state(s)" in result.output
     assert "c1.cache0" in result.output
 

@@ -6,6 +6,7 @@ gate runs."""
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -195,6 +196,9 @@ def output_specs(form: Form, sample, inputs: list[Input], time_axis,
                 shape.append("time")
             elif t1 is not None and form.chunk_multiple > 1 and da * t2 == db * t1:
                 shape.append("time")  # downsampled by strides along time (conv caches)
+                ratio = Fraction(da, t1)
+                ratio = ratio.numerator if ratio.denominator == 1 else \
+                    (ratio.numerator, ratio.denominator)
             elif t1 is not None and (da, db) == (b1 * t1, b2 * t2):
                 shape.append("batch*time")
             elif t1 is not None and da % t1 == 0 and da // t1 > 1 and db == da // t1 * t2:

@@ -23,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnedge.errors import UsageError
-from rnnedge.runtime.guards import finite, probe
+from rnnedge.runtime.guards import all_finite, finite, probe
+from rnnedge.runtime.providers import on_device, parse_device
 
 MAX_SLOTS = 16  # distinct input shapes kept bound per engine (LRU beyond that)
 # Most bytes of state one engine allocates (two buffer sets counted): sizes come from the
@@ -89,7 +90,7 @@ class Engine:
         self.states = model.contract.states
         self.outputs = model.contract.outputs
         self.on_cuda = model.device.startswith("cuda")
-        self.device_id = int(model.device.partition(":")[2] or 0)
+        self.device_id = parse_device(model.device)[1]
         raw = getattr(self.session, "_sess", None)
         # The public wrapper adds WebGPU capture bookkeeping to every run; the pybind
         # session runs the same binding without it (about 1 us a step).
@@ -103,8 +104,7 @@ class Engine:
             if self.on_cuda:
                 for side in (0, 1):
                     self.bufs[side] = [
-                        ort.OrtValue.ortvalue_from_numpy(s.zeros(batch), "cuda", self.device_id)
-                        for s in self.states]
+                        on_device(s.zeros(batch), model.device) for s in self.states]
             else:
                 self.host = [[s.zeros(batch) for s in self.states]
                              for _ in (0, 1)]
@@ -183,10 +183,16 @@ class Engine:
         """Return to the state before the last run (its input buffers were not written)."""
         self.parity ^= 1
 
-    def nonfinite_after_run(self, slot: Slot) -> list[str]:
-        """Names of the last run's float outputs and new states holding NaN/inf (CPU only:
-        on CUDA they stay on the device, and reading them back each step would cost a copy
-        and a sync; the caller checks outputs there when it reads them)."""
+    def nonfinite_after_run(self, slot: Slot, outputs: list | None = None) -> list[str]:
+        """Names of the last run's float outputs and new states holding NaN/inf.
+
+        CPU: every output and state, read in place. CUDA: they stay on the device, and
+        reading them back each step would cost a copy and a sync, so only the outputs are
+        checked, in ``outputs`` (their host copies from ``host_outputs``, read anyway), and
+        nothing without them."""
+        if self.on_cuda:
+            return [t.name for t, v in zip(self.outputs, outputs or ())
+                    if v.dtype.kind == "f" and not all_finite(v)]
         return [name for name, v, ones in slot.after[self.parity] if not finite(v, ones)]
 
     def host_outputs(self, slot: Slot) -> list:

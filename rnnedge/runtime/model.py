@@ -13,7 +13,7 @@ from rnnedge.errors import ModelLoadError, UsageError, first_line
 from rnnedge.runtime.contract import METADATA_KEY, Contract, graph_io, read_contract
 from rnnedge.runtime.inputs import native
 from rnnedge.runtime.pool import Pool
-from rnnedge.runtime.providers import EXTERNAL_DATA_FOLDER, create_session
+from rnnedge.runtime.providers import EXTERNAL_DATA_FOLDER, create_session, on_device
 from rnnedge.runtime.stream import Stream
 
 
@@ -125,10 +125,7 @@ class Model:
                 raise UsageError(f"{where}: constant {name!r} must be {t.describe()}, got "
                                  f"{value.dtype.name}{list(value.shape)}")
             value = np.ascontiguousarray(value).copy()  # ours: the caller may change theirs
-            if self.device.startswith("cuda"):
-                bound[name] = ort.OrtValue.ortvalue_from_numpy(value, "cuda", int(self.device[5:] or 0))
-            else:
-                bound[name] = ort.OrtValue.ortvalue_from_numpy(value)
+            bound[name] = on_device(value, self.device)
         data = tuple(t for t in self.contract.inputs if t.name not in bound)
         return data, bound
 

@@ -13,7 +13,6 @@ import threading
 from collections import OrderedDict
 
 import numpy as np
-import onnxruntime as ort
 
 from rnnedge.errors import ContractError, StepInputError, UsageError
 from rnnedge.runtime.engine import Engine, check_state_size
@@ -27,6 +26,7 @@ from rnnedge.runtime.guards import (
     refuse_nonfinite_state,
 )
 from rnnedge.runtime.inputs import as_list, check, check_lengths, check_state, lengths_of
+from rnnedge.runtime.providers import on_device
 
 MAX_ENGINES = 8  # batch sizes kept allocated
 POOL = "this pool"
@@ -208,10 +208,8 @@ class Pool:
                            for sid in bad_rows(buf, t.batch_axis, ids)})
             refuse_nonfinite_inputs(self._data, slot.in_bufs, "pool.step()", f" of streams {rows}")
         engine.run(slot)
-        bad = engine.nonfinite_after_run(slot) if check else []
         outputs = engine.host_outputs(slot)
-        if check and engine.on_cuda:  # on the host now: the check is cheap
-            bad = [t.name for t, v in zip(self._outputs, outputs) if v.dtype.kind == "f" and not all_finite(v)]
+        bad = engine.nonfinite_after_run(slot, outputs) if check else []
         if bad:
             rows = self._bad_streams(slot, outputs, ids)
             engine.undo()
@@ -346,10 +344,7 @@ class Pool:
             bufs = []
             for t in self._per_stream:
                 host = np.zeros([batch if i == t.batch_axis else d for i, d in enumerate(t.shape)], t.dtype)
-                on_cuda = self.model.device.startswith("cuda")
-                value = (ort.OrtValue.ortvalue_from_numpy(host, "cuda", int(self.model.device[5:] or 0))
-                         if on_cuda else ort.OrtValue.ortvalue_from_numpy(host))  # CPU: shares host
-                bufs.append((host, value))
+                bufs.append((host, on_device(host, self.model.device)))  # CPU: shares host
             bound = {**self._constants, **{t.name: v for t, (_, v) in zip(self._per_stream, bufs)}}
             entry = (Engine(self.model, batch, self._data, bound), bufs)
             self._engines[batch] = entry

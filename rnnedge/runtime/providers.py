@@ -46,6 +46,15 @@ def parse_device(device: str) -> tuple[str, int]:
     raise UsageError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+def on_device(array, device: str) -> ort.OrtValue:
+    """An OrtValue of ``array`` where ``device`` ("cpu", "cuda", "cuda:N") runs: on the CPU
+    one sharing ``array``'s memory, on CUDA a copy on device N."""
+    kind, index = parse_device(device)
+    if kind == "cuda":
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", index)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 # onnxruntime's config key: the folder an in-memory graph's external data is read from.
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 

@@ -136,8 +136,7 @@ class Stream:
             return slot.out_bufs[0].copy()
         values = engine.host_outputs(slot)
         if self.check_finite and engine.on_cuda:  # on the host now: the check is cheap
-            bad = [t.name for t, v in zip(engine.outputs, values)
-                   if v.dtype.kind == "f" and not all_finite(v)]
+            bad = engine.nonfinite_after_run(slot, values)
             if bad:
                 engine.undo()
                 self._readable = None
