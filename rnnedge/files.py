@@ -82,15 +82,22 @@ def check_destination(dest: str | os.PathLike, inputs: Inputs | None = None,
             f"cannot write {dest}: it is a {_kind(mode)}, not a regular file, and writing would "
             "replace it; give a file path"
         )
-    if not folder.is_dir():
-        raise UsageError(
-            f"cannot write {dest}: expected an existing folder, found none at {folder}; "
-            "create it first or choose another output path"
-        )
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write {dest}: folder {folder} is not writable; choose another output path")
+    check_writable_folder(folder, str(dest))
     check_not_inputs(dest, inputs or {}, what)
     return dest
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str,
+                          advice: str = "choose another output path") -> None:
+    """Refuse (UsageError) writing ``what`` (e.g. a file's path) into ``folder`` when the
+    folder does not exist or is not writable; ``advice`` ends the message."""
+    if not Path(folder).is_dir():
+        raise UsageError(
+            f"cannot write {what}: expected an existing folder, found none at {folder}; "
+            f"create it first or {advice}"
+        )
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {what}: folder {folder} is not writable; {advice}")
 
 
 def _kind(mode: int) -> str:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -229,20 +233,42 @@ def test_cuda_without_gpu_is_a_device_error():
             rnnedge.load(G.rnn("GRU"), device="cuda")
 
 
+# Loads with device="auto" in a fresh process, whose first load probes CUDA (this one's
+# probe is cached by now): each load's warnings, and whatever reached stderr.
+FRESH_AUTO_LOADS = """
+import json, warnings
+import rnnedge
+from tests import runtime_graphs as G
+
+rows = []
+for _ in range(3):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = rnnedge.load(G.rnn("GRU"), device="auto")
+    rows.append({"device": model.device, "warnings": [w.category.__name__ for w in caught],
+                 "message": str(caught[0].message) if caught else "",
+                 "filename": caught[0].filename if caught else ""})
+print(json.dumps(rows))
+"""
+
+
 @pytest.mark.skipif(CUDA_WORKS or not CUDA_LISTED, reason="needs onnxruntime-gpu without a usable GPU")
-def test_auto_falls_back_with_one_warning_and_no_ort_log(capfd):
-    providers._cuda_usable.clear()  # probe again, as a fresh process would
-    for _ in range(3):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = rnnedge.load(G.rnn("GRU"), device="auto")
-        assert model.device == "cpu"
-        assert [w.category for w in caught] == [DeviceFallbackWarning]
-        message = str(caught[0].message)
-        assert "\n" not in message and "running on CPU" in message
-        assert caught[0].filename == __file__  # points at the caller's load()
-    err = capfd.readouterr().err
-    assert "onnxruntime" not in err.lower() and "cuda" not in err.lower(), err
+def test_auto_falls_back_with_one_warning_and_no_ort_log(tmp_path):
+    script = tmp_path / "auto_loads.py"
+    script.write_text(FRESH_AUTO_LOADS)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert len(rows) == 3
+    for row in rows:
+        assert row["device"] == "cpu"
+        assert row["warnings"] == [DeviceFallbackWarning.__name__]
+        assert "\n" not in row["message"] and "running on CPU" in row["message"]
+        assert row["filename"] == str(script)  # points at the caller's load()
+    assert "onnxruntime" not in done.stderr.lower() and "cuda" not in done.stderr.lower(), done.stderr
     with pytest.warns(DeviceFallbackWarning):
         rnnedge.load(G.rnn("GRU"))
 
@@ -275,15 +301,60 @@ def test_pool_checks_lengths_values(seq, lengths):
         pool.step({sid: {"input": np.ones((1, 3, 3), np.float32), "lengths": np.array(lengths)}})
 
 
-def test_read_after_a_failed_run_refuses_stale_outputs(lstm):
-    stream = lstm.stream(1)
-    stream.step(np.ones((1, 2, 3), np.float32))
-    stream._engine._run = _failing_run  # a run that fails inside onnxruntime
-    with pytest.raises(RuntimeError):
-        stream.step(np.ones((1, 2, 3), np.float32))
+def lookup_graph() -> bytes:
+    """x (batch, time, 1) float32 holding indices into a 4-entry table -> y = TABLE[x]
+    (batch, time, 1); state h0 -> hn (batch, 1) adds y summed over time. An index past the
+    table makes onnxruntime's Gather fail inside the run, at any input shape: a real failed
+    run, also on the bound per-step path of an input shape that ran before."""
+    table = onnx.numpy_helper.from_array(np.arange(4, dtype=np.float32), "table")
+    axes = onnx.numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [onnx.helper.make_node("Cast", ["x"], ["idx"], to=onnx.TensorProto.INT64),
+             onnx.helper.make_node("Gather", ["table", "idx"], ["y"]),
+             onnx.helper.make_node("ReduceSum", ["y", "axes"], ["total"], keepdims=0),
+             onnx.helper.make_node("Add", ["h0", "total"], ["hn"])]
+    meta = G.meta([("x", "float32", ["batch", "time", 1])], [("y", "float32", ["batch", "time", 1])],
+                  [("h0", "hn", ["batch", 1], 0)], time_axis=1)
+    return G.finish(nodes, [G.vi("x", ["batch", "time", 1]), G.vi("h0", ["batch", 1])],
+                    [G.vi("y", ["batch", "time", 1]), G.vi("hn", ["batch", 1])],
+                    [table, axes], meta)
+
+
+@pytest.fixture(scope="module")
+def lookup():
+    return rnnedge.load(lookup_graph(), device="cpu")
+
+
+IN_TABLE = np.array([[[1.0], [2.0]]], np.float32)  # (1, 2, 1): adds 3 to the state
+PAST_TABLE = np.array([[[1.0], [7.0]]], np.float32)  # same shape, index 7 of 4: Gather fails
+
+
+def test_a_failed_run_leaves_the_state_unchanged(lookup):
+    stream = lookup.stream(1)
+    for _ in range(2):  # the second step runs the bindings the first one made
+        stream.step(IN_TABLE)
+    snap = stream.state
+    with pytest.raises(RuntimeError, match="out of"):
+        stream.step(PAST_TABLE)
+    assert_state(stream, snap)
+    np.testing.assert_array_equal(stream.step(IN_TABLE), [[[1.0], [2.0]]])
+    np.testing.assert_array_equal(stream.state["h0"], [[9.0]])  # three good steps, no more
+
+
+def test_a_failed_pool_run_leaves_every_streams_state_unchanged(lookup):
+    pool = lookup.pool()
+    a, b = pool.add(), pool.add()
+    for _ in range(2):
+        pool.step({a: IN_TABLE, b: IN_TABLE})
+    with pytest.raises(RuntimeError, match="out of"):
+        pool.step({a: IN_TABLE, b: PAST_TABLE})
+    for sid in (a, b):
+        np.testing.assert_array_equal(pool.get_state(sid)["h0"], [[6.0]])
+
+
+def test_read_after_a_failed_run_refuses_stale_outputs(lookup):
+    stream = lookup.stream(1)
+    stream.step(IN_TABLE)
+    with pytest.raises(RuntimeError, match="out of"):  # fails inside onnxruntime
+        stream.step(PAST_TABLE)
     with pytest.raises(UsageError, match="the last one failed"):
         stream.read()
-
-
-def _failing_run(*args):
-    raise RuntimeError("simulated failure inside the run")

@@ -173,8 +173,8 @@ def command(graph_path, device, batch, chunk, steps, max_time, threads, engines,
             update(0, None, f"loading {model_path}")
             module = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle)
             if parsed.specs:  # in forward order, --input names checked against forward
-                tensors, axes, _ = parsed.example(module)
-                dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors]
+                specs = parsed.ordered(module)
+                axes, dtypes = [a for _, a, _ in specs], [d for _, _, d in specs]
                 axes, dtypes = (axes[0], dtypes[0]) if len(axes) == 1 else (axes, dtypes)
         report = benchmark(graph_path, module=module, batches=batches, chunks=chunks, steps=steps,
                            threads=threads, device=device, engines=names, max_seconds=max_time,

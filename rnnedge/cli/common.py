@@ -67,14 +67,22 @@ class InputOptions:
         """The inputs' names (--input), else None."""
         return [s[0] for s in self.specs] if self.specs and self.specs[0][0] else None
 
-    def example(self, module) -> tuple:
-        """(example tensors in forward order, [axes], [names] or None) for ``module``."""
-        from rnnedge.loaders import forward_order, make_examples
+    def ordered(self, module) -> list:
+        """The specs [(name or None, axes, dtype)] in ``module``'s forward order (--input
+        names checked against forward)."""
+        from rnnedge.loaders import forward_order
 
         specs = list(self.specs)
         if self.names:
             order = forward_order(module, self.names)
             specs.sort(key=lambda s: order.index(s[0]))
+        return specs
+
+    def example(self, module) -> tuple:
+        """(example tensors in forward order, [axes], [names] or None) for ``module``."""
+        from rnnedge.loaders import make_examples
+
+        specs = self.ordered(module)
         tensors = make_examples(module, [(axes, dtype) for _, axes, dtype in specs])
         names = [s[0] for s in specs] if self.names else None
         return tensors, [axes for _, axes, _ in specs], names

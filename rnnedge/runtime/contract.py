@@ -158,7 +158,7 @@ def check_spec(spec: ExportSpec, inputs: list[GraphIO], outputs: list[GraphIO]) 
 def _check_against_graph(declared: list[tuple], graph: list[GraphIO], kind: str) -> None:
     """Refuse metadata whose (name, dtype, shape) entries differ from the graph's ``kind``s.
 
-    A size fixed on one side and different (or dynamic) on the other is a mismatch; a
+    A size the graph fixes is a mismatch unless the metadata gives that same size; a
     dynamic axis in the graph where the metadata gives a size is not (the graph is wider).
     """
     names = [name for name, _, _ in declared]

@@ -71,12 +71,12 @@ def pair_states(inputs: list[GraphIO], outputs: list[GraphIO], state_map: dict |
             what = f"unknown names {bad}" if bad else "an output paired twice"
             raise ContractError(f"state_map {state_map} has {what}; {_listing(inputs, outputs)}; "
                                 f"e.g. state_map={_example_map(inputs, outputs)!r}")
-        for i, o in state_map.items():
-            a, b = in_names[i], out_names[o]
-            if a.dtype != b.dtype or len(a.shape) != len(b.shape):
-                raise ContractError(
-                    f"state_map pairs {a.describe()} with {b.describe()}, which differ in dtype "
-                    f"or rank; {_listing(inputs, outputs)}")
+        unlike = _unlike_pair(state_map, in_names, out_names)
+        if unlike:
+            a, b = unlike
+            raise ContractError(
+                f"state_map pairs {a.describe()} with {b.describe()}, which differ in dtype "
+                f"or rank; {_listing(inputs, outputs)}")
         return dict(state_map)
 
     candidates = {i.name: [o.name for o in outputs if _matches(i.name, o.name)] for i in inputs}
@@ -101,13 +101,23 @@ def pair_states(inputs: list[GraphIO], outputs: list[GraphIO], state_map: dict |
             f"cannot pair the graph's state inputs with its outputs: {'; '.join(problems)}; "
             f"{_listing(inputs, outputs)}; pass the pairs explicitly, e.g. "
             f"rnnedge.load(path, state_map={example!r}) (state_map={{}} runs it stateless)")
+    unlike = _unlike_pair(pairs, in_names, out_names)
+    if unlike:
+        a, b = unlike
+        raise ContractError(
+            f"input {a.describe()} and output {b.describe()} are named like a state pair but "
+            f"differ in dtype or rank; {_listing(inputs, outputs)}; pass state_map explicitly")
+    return pairs
+
+
+def _unlike_pair(pairs: dict, in_names: dict, out_names: dict) -> tuple | None:
+    """The first (input, output) of ``pairs`` ({input name: output name}) that differ in
+    dtype or rank, so cannot be one state; None when every pair can."""
     for i, o in pairs.items():
         a, b = in_names[i], out_names[o]
         if a.dtype != b.dtype or len(a.shape) != len(b.shape):
-            raise ContractError(
-                f"input {a.describe()} and output {b.describe()} are named like a state pair but "
-                f"differ in dtype or rank; {_listing(inputs, outputs)}; pass state_map explicitly")
-    return pairs
+            return a, b
+    return None
 
 
 def _named_axis(shape: tuple, pattern: re.Pattern) -> int | None:

@@ -12,7 +12,6 @@ from rnnedge.errors import StepInputError, UsageError
 from rnnedge.runtime import remainder
 from rnnedge.runtime.engine import Engine, check_state_size
 from rnnedge.runtime.guards import (
-    all_finite,
     busy,
     exclusive,
     nonfinite_result,

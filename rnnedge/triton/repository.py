@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from rnnedge.errors import UsageError
+from rnnedge.files import check_writable_folder
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -39,13 +40,7 @@ def check_target(repo, name: str) -> Path:
     if repo.exists() and not repo.is_dir():
         raise UsageError(f"Triton repository {repo} is a file; give a folder (it may not exist yet)")
     parent = repo if repo.is_dir() else repo.parent
-    if not parent.is_dir():
-        raise UsageError(
-            f"cannot write Triton repository {repo}: its parent folder {parent} does not exist; "
-            "create it first or choose another --triton-repo"
-        )
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write Triton repository {repo}: {parent} is not writable")
+    check_writable_folder(parent, f"Triton repository {repo}", "choose another --triton-repo")
     return repo / name
 
 

@@ -63,16 +63,16 @@ class TritonPythonModel:
         return tensor.as_numpy().reshape(-1)[0]
 
     def _data(self, request):
-        """{input name: array in the graph's layout, batch 1}; ValueError on a bad tensor."""
+        """{input name: array in the graph's layout, batch 1}; ValueError on a request that
+        is not one batch-first row (dtype and shape are Pool.step's to check, in the
+        contract's words)."""
         arrays = {}
         for t in self.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, t.name)
             if tensor is None:
                 raise ValueError(f"request has no input {t.name!r}")
             x = tensor.as_numpy()
-            if x.dtype != t.dtype:
-                raise ValueError(f"input {t.name!r}: expected {t.dtype}, got {x.dtype}")
-            if x.ndim != len(t.shape) or x.shape[0] != 1:
+            if x.ndim <= t.batch_axis or x.shape[0] != 1:
                 raise ValueError(
                     f"input {t.name!r}: expected shape (1, {', '.join(map(str, self._dims(t)))}) "
                     f"(one row per request), got {tuple(x.shape)}")
@@ -125,7 +125,8 @@ class TritonPythonModel:
                 continue
             self.last[corrid] = now
             sid = self.streams[corrid]
-            key = tuple(a.shape for a in x.values())
+            # Dtype too: a request Pool.step refuses must not take others in its batch down.
+            key = tuple((a.shape, a.dtype.str) for a in x.values())
             batch = next((b for b in batches if b["key"] == key
                           and all(item[2] != sid for item in b["items"])), None)
             if batch is None:
