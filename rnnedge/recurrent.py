@@ -108,6 +108,13 @@ def type_of(module) -> LayerType | None:
     return None
 
 
+def has_own_forward(module) -> bool:
+    """One of the table's modules running PyTorch's own forward: a subclass that overrides
+    forward computes something else, which the translation would not follow."""
+    t = type_of(module)
+    return t is not None and type(module).forward is t.cls.forward
+
+
 def kind_of(module: nn.Module) -> str:
     """'LSTM', 'GRU' or 'RNN' for a layer or its cell."""
     t = type_of(module)

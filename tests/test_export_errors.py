@@ -145,6 +145,12 @@ CASES = {
                      dict(mode="sequence", input_axes=[("batch", 1, "time")]),
                      rnnedge.ExportError, ["bounded the time axis (axis 2)", "at most 42 steps",
                                            "torch says"]),
+    # An example as long as the gate's longest length: the bound lies above it, but the
+    # graph is still right near the example's length only (the padded length is traced).
+    "valid-length-long-example": (ValidLength, torch.randn(1, 1, 2000),
+                                  dict(mode="sequence", input_axes=[("batch", 1, "time")]),
+                                  rnnedge.ExportError, ["bounded the time axis (axis 2)",
+                                                        "torch says", "nothing was written"]),
     "conv-front-end-time-declared": (ConvGRU, torch.randn(1, 4, 12),
                                      dict(input_axes=[("batch", 4, "time")]),
                                      rnnedge.UnsupportedModelError, ["conv", "sequence"]),

@@ -29,13 +29,14 @@ from rnnedge import gate
 from rnnedge import precision as precision_mod
 from rnnedge.errors import ExportError, ParityError, UsageError, first_line
 from rnnedge.exporters.inference import inference_mode
-from rnnedge.exporters.layers import STACKS, is_layer, plan_layer
 from rnnedge.exporters.layers import input_axes as layer_axes
+from rnnedge.exporters.layers import is_layer, plan_layer
 from rnnedge.exporters.options import MODES, ExportOptions
 from rnnedge.exporters.targets import Target, Written, write
 from rnnedge.graphs import external
 from rnnedge.graphs.metadata import write_metadata
 from rnnedge.loaders.integrity import check_finite_weights
+from rnnedge.recurrent import STACKS
 
 Note = Callable[[str], None]
 

@@ -15,14 +15,13 @@ from rnnedge.errors import UnsupportedModelError, UsageError
 from rnnedge.gate.plan import Plan
 from rnnedge.graphs.builder import GraphBuilder
 from rnnedge.graphs.emit import emit_cell, emit_stack
-from rnnedge.recurrent import CELLS, STACKS, kind_of
+from rnnedge.recurrent import CELLS, has_own_forward, kind_of
 
 
 def is_layer(model) -> bool:
     """One of PyTorch's recurrent modules with its own forward (a subclass that overrides
     forward is a model: the whole-model route refuses or handles it)."""
-    return isinstance(model, STACKS + CELLS) and type(model).forward in {
-        cls.forward for cls in STACKS + CELLS}
+    return has_own_forward(model)
 
 
 def input_axes(model) -> tuple:

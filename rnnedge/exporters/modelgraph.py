@@ -215,7 +215,7 @@ def output_specs(form: Form, sample, inputs: list[Input], time_axis,
 
 
 def export_graph(form: Form, spec: ExportSpec, inputs: list[Input], trace_x, tb: int, what: str,
-            max_length: int | None = None):
+                 max_length: int | None = None, min_length: int | None = None):
     states = _zero_states(spec.states, tb)
     dyn = [{i: a for i, a in enumerate(info.axes) if isinstance(a, str)} for info in inputs]
     dyn += [{s.batch_axis: "batch"} for s in spec.states]
@@ -225,7 +225,8 @@ def export_graph(form: Form, spec: ExportSpec, inputs: list[Input], trace_x, tb:
     try:
         with form.trace_ctx():
             proto = torchonnx.export_onnx(form.wrapper, (*trace_x, *states), (tuple(dyn),),
-                                      in_names, out_names, spec.opset, what, max_length)
+                                          in_names, out_names, spec.opset, what, max_length,
+                                          min_length)
     except torchonnx.Specialized as exc:
         raise _fixed_axis_error(what, in_names[exc.index], exc.axis, axes[exc.index][exc.axis],
                                 exc.size) from None

@@ -250,8 +250,10 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
                       tuple(form.state_specs), time_axis, opset, source_of(model),
                       chunk_multiple=form.chunk_multiple, latency=form.latency,
                       state="carried" if form.state_specs or step else "internal")
-    longest = LengthRange.for_mode(mode, min_length, max_length).high
-    graph = export_graph(form, spec, inputs, trace_x, tb, what, longest)
+    # Only a max_length the user gave allows a bounded time axis (up to it): the default
+    # is the gate's longest length, not a limit of the model's.
+    graph = export_graph(form, spec, inputs, trace_x, tb, what, max_length,
+                         LengthRange.for_mode(mode, min_length, max_length).low)
     return Plan(spec, graph, reference_of(form, spec), sample, model=model,
                 lengths_input=lengths_at)
 

@@ -134,14 +134,16 @@ def failure(exc: BaseException, what: str) -> ExportError:
 
 
 def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, output_names,
-                opset: int, what: str, max_length: int | None = None) -> onnx.ModelProto:
+                opset: int, what: str, max_length: int | None = None,
+                min_length: int | None = None) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) with rnnedge's translations, cleaned up; ExportError on failure.
 
     The wrapper's forward takes ``*flat`` tensors; ``dynamic_shapes`` is ``(({axis: name},
     ...),)``, one dict per flat tensor. torch.onnx builds at opset >= 18; an older opset is
     reached with onnx's version converter afterwards. max_length: the longest time the
-    graph must take (the gate's); a dynamic axis torch.export bounded below it (a batch axis:
-    bounded at all) is an ExportError (``check_ranges``).
+    graph must take, as the user gave it (None: no limit), min_length the shortest: a time
+    axis torch.export bounded below max_length (None: at all) or above min_length (a batch
+    axis: bounded at all) is an ExportError (``check_ranges``).
     """
     import onnx_ir
     import onnx_ir.passes.common as passes
@@ -167,7 +169,8 @@ def export_onnx(wrapper: nn.Module, args: tuple, dynamic_shapes, input_names, ou
         raise failure(exc, what) from exc
     exported = getattr(program, "exported_program", None)
     if exported is not None:
-        check_ranges(exported, wrapper, args, dynamic_shapes, input_names, what, max_length)
+        check_ranges(exported, wrapper, args, dynamic_shapes, input_names, what, max_length,
+                     min_length)
     model = program.model
     for p in (passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
               passes.DeduplicateInitializersPass(size_limit=1 << 40),
@@ -268,20 +271,40 @@ def ranges(exported, dynamic_shapes) -> list[tuple[int, int, str, object, object
     return out
 
 
-def bounds(exported, dynamic_shapes, input_names, max_length: int | None) -> list[Bound]:
-    """The dynamic axes bounded above: a batch axis at any finite size, a time axis below
-    ``max_length`` (None: any finite bound)."""
+def floor_of(label: str, min_length: int | None) -> int:
+    """The lowest size an axis must take: 2 (torch.export specialises 0 and 1 whatever it
+    is told), and for time the gate's shortest length where that is more."""
+    return max(2, min_length or 0) if label == "time" else 2
+
+
+def is_bounded(bound: Bound, max_length: int | None, min_length: int | None) -> bool:
+    """Whether ``bound`` keeps the graph from sizes it must take: a batch axis bounded above
+    at all; a time axis bounded above below ``max_length`` (None, the user gave none: at
+    any size), or to a window above the shortest length (VR[1957, 2044] from an example of
+    2000 steps). A lower bound alone is no verdict: a stream graph's strided convolutions
+    need a few steps per call, which torch.export states conservatively; the gate's
+    lengths show whether the graph takes them."""
+    if bound.high is None:
+        return False
+    if bound.low > floor_of(bound.label, min_length):
+        return True
+    return bound.label != "time" or max_length is None or bound.high < max_length
+
+
+def bounds(exported, dynamic_shapes, input_names, max_length: int | None,
+           min_length: int | None = None) -> list[Bound]:
+    """The dynamic axes torch.export bounded (``is_bounded``)."""
     import sympy
 
     found = []
     for index, axis, label, lower, upper in ranges(exported, dynamic_shapes):
-        if not isinstance(upper, sympy.Integer):  # int_oo: unbounded
-            continue
-        high = int(upper)
-        if label == "time" and max_length is not None and high >= max_length:
-            continue
+        high = int(upper) if isinstance(upper, sympy.Integer) else None  # int_oo: unbounded
+        if high is not None and high >= 2**31:  # an int32/int64 limit, not the model's
+            high = None
         low = int(lower) if isinstance(lower, sympy.Integer) else 0
-        found.append(Bound(input_names[index], axis, label, low, high))
+        bound = Bound(input_names[index], axis, label, low, high)
+        if is_bounded(bound, max_length, min_length):
+            found.append(bound)
     return found
 
 
@@ -335,34 +358,43 @@ def violation_bound(text: str, input_names, max_length: int | None) -> tuple[Bou
 
 
 def check_ranges(exported, wrapper: nn.Module, args: tuple, dynamic_shapes, input_names,
-                 what: str, max_length: int | None) -> None:
+                 what: str, max_length: int | None, min_length: int | None = None) -> None:
     """Refuse a graph whose batch or time axis torch.export bounded or fixed (ExportError):
     the graph would be right inside the bound only (e.g. padding to a length computed in
     Python). Read from torch.onnx's program, then from a named-Dim torch.export run."""
-    found = bounds(exported, dynamic_shapes, input_names, max_length)
-    guard = ""
+    found = bounds(exported, dynamic_shapes, input_names, max_length, min_length)
+    program, violation = None, ""
     if not found:
         program, violation = named_export(wrapper, args, dynamic_shapes)
         if violation:
-            bound, guard = violation_bound(violation, input_names, max_length)
+            bound = violation_bound(violation, input_names, max_length)[0]
             # A guard that only excludes some sizes (e.g. a padding of zero: T % 4 != 0)
             # bounds nothing: the gate's lengths cover both sides of it.
-            found = [bound] if bound.high is not None else []
+            found = [bound] if is_bounded(bound, max_length, min_length) else []
         elif program is not None:
-            found = bounds(program, dynamic_shapes, input_names, max_length)
+            found = bounds(program, dynamic_shapes, input_names, max_length, min_length)
     if not found:
         return
+    if not violation:  # found in the program's ranges: torch's own words name the guard
+        violation = named_export(wrapper, args, dynamic_shapes)[1]
+    guard = violation_bound(violation, input_names, max_length)[1] if violation else ""
     bound = found[0]
     unit = "steps" if bound.label == "time" else "rows"
     axis = f" (axis {bound.axis})" if bound.axis >= 0 else ""
+    floor = floor_of(bound.label, min_length)
     if bound.high is None:
         extent = f"to at least {bound.low} {unit}"
     elif bound.high == bound.low:
         extent = f"at {bound.high} {unit}"
+    elif bound.low > floor:
+        extent = f"to {bound.low}..{bound.high} {unit} ({bound.range_text})"
     else:
         extent = f"to at most {bound.high} {unit} ({bound.range_text})"
-    below = (f", below the {max_length} steps rnnedge proves" if bound.label == "time"
+    below = (f", below the {max_length} steps asked for" if bound.label == "time"
              and max_length and bound.high is not None else "")
+    limit = (f"; if the model really takes at most {bound.high} steps, pass --max-length "
+             f"{bound.high} (max_length={bound.high})" if bound.label == "time"
+             and not max_length and bound.high is not None and bound.low <= floor else "")
     says = f"; torch says: {guard}" if guard else ""
     raise ExportError(
         f"torch.export bounded the {bound.label} axis{axis} of {bound.name} {extent}{below} "
@@ -370,5 +402,5 @@ def check_ranges(exported, wrapper: nn.Module, args: tuple, dynamic_shapes, inpu
         "typically Python arithmetic on the length (math.ceil(T / 4), int(T * r), a float "
         "division) that torch.export can only trace for some lengths: compute it with integer "
         "arithmetic on the size ((T + 3) // 4 * 4) or tensor ops, or export with fixed sizes "
-        "(no 'time' in input_axes / --input-shape); nothing was written"
+        f"(no 'time' in input_axes / --input-shape){limit}; nothing was written"
     )

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from rnnedge.errors import UnsupportedModelError, UsageError
-from rnnedge.recurrent import CELLS, STACKS
+from rnnedge.recurrent import CELLS, has_own_forward, type_of
 
 # Modules being exported, by the int the custom ops carry. Filled per export, then emptied.
 _REGISTRY: dict[int, nn.Module] = {}
@@ -126,10 +126,7 @@ def _(x, h0, c0, layer):
 
 def is_supported(module: nn.Module) -> bool:
     """A PyTorch recurrent layer rnnedge translates: exactly its own forward, no override."""
-    for base in STACKS + CELLS:
-        if isinstance(module, base):
-            return type(module).forward is base.forward
-    return False
+    return has_own_forward(module)
 
 
 def is_recurrent(module: nn.Module) -> bool:
@@ -175,7 +172,7 @@ class Layer:
 
     @property
     def has_c(self) -> bool:
-        return isinstance(self.module, (nn.LSTM, nn.LSTMCell))
+        return len(type_of(self.module).states) > 1  # LSTMs carry c beside h
 
     @property
     def bidirectional(self) -> bool:
