@@ -79,7 +79,7 @@ class Stream:
         if not self._busy.acquire(False):  # inline, not @exclusive: the per-step hot path
             raise busy(STREAM)
         try:
-            return self._step_held(x, read) if self._holds else self._step(x, read)
+            return self._step_held(x, read) if self._holding else self._step(x, read)
         finally:
             self._busy.release()
 
@@ -143,8 +143,15 @@ class Stream:
         return values[0] if self._single_out else dict(zip(self._out_names, values))
 
     @property
-    def _holds(self) -> bool:
-        return self._multiple > 1 or (self._latency > 0 and not self._started)
+    def _started(self) -> bool:
+        """Whether a look-ahead graph's first call has run (its first frames are out)."""
+        return self._started_flag
+
+    @_started.setter
+    def _started(self, value: bool) -> None:
+        # step() reads one plain attribute per call, not this predicate: the hot path.
+        self._started_flag = value
+        self._holding = self._multiple > 1 or (self._latency > 0 and not value)
 
     def _step_held(self, x, read: bool):
         """``_step`` for graphs whose chunks are multiples of ``chunk_multiple`` steps: feeds
