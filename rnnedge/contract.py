@@ -368,5 +368,10 @@ def from_json(text: str) -> ExportSpec:
         if not _is_int(value) or value < low:
             raise _fail(f"{key!r} must be an int >= {low}, got {value!r}")
         steps[key] = value
+    if steps["chunk_multiple"] > 1 and steps["latency"]:
+        # The runtime holds back remainders or a look-ahead graph's first frames, not both:
+        # rnnedge writes no such graph, and a stream would feed it wrong chunks.
+        raise _fail(f"'chunk_multiple' {steps['chunk_multiple']} with 'latency' "
+                    f"{steps['latency']}: a graph has one or the other; re-export the model")
     return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity), state,
                       **steps)

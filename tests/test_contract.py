@@ -115,6 +115,8 @@ _DROP = object()
     (_set(["states", 0, "init"], "random"), "unknown init 'random'"),
     (_set(["states", 0, "dtype"], "complex64"), "dtype 'complex64'"),
     (_set(["parity"], [1]), "'parity' must be an object"),
+    (lambda meta: meta.update(chunk_multiple=4, latency=2, format=2),
+     "'chunk_multiple' 4 with 'latency' 2: a graph has one or the other"),
     (_set(["outputs", 0, "time_ratio"], 0), "time_ratio must be an int >= 1 or a reduced fraction"),
     (_set(["outputs", 0, "time_ratio"], [2, 4]), "time_ratio must be an int >= 1 or a reduced fraction"),
     (_set(["outputs", 0, "time_ratio"], [1, 1]), "time_ratio must be an int >= 1 or a reduced fraction"),
