@@ -28,15 +28,21 @@ def _take(a: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
     return a[tuple(index)]
 
 
+def joined(arrays: list, axes: list, held: list | None) -> list:
+    """``arrays`` after the frames ``held`` (None: nothing held), along each time axis."""
+    if held is None:
+        return arrays
+    return [a if ax is None else np.concatenate([h, a], axis=ax)
+            for a, h, ax in zip(arrays, held, axes)]
+
+
 def split(arrays: list, axes: list, held: list | None, multiple: int) -> tuple[list | None, list]:
     """(the arrays to feed now, or None when under ``multiple`` steps; the frames to hold).
 
     arrays: one per data input, checked; axes: each one's time axis (None: no time axis,
     fed as given); held: what the last call held, or None.
     """
-    if held is not None:
-        arrays = [a if ax is None else np.concatenate([h, a], axis=ax)
-                  for a, h, ax in zip(arrays, held, axes)]
+    arrays = joined(arrays, axes, held)
     total = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
     cut = total - total % multiple
     keep = [None if ax is None else _take(a, ax, cut, total).copy() for a, ax in zip(arrays, axes)]
@@ -54,15 +60,7 @@ def held_steps(held: list | None, axes: list) -> int:
 
 def padded(held: list, axes: list, multiple: int) -> list:
     """``held`` zero-padded along time to ``multiple`` steps (the model's own end: zeros)."""
-    out = []
-    for h, ax in zip(held, axes):
-        if ax is None:
-            out.append(h)
-            continue
-        width = [(0, 0)] * h.ndim
-        width[ax] = (0, multiple - h.shape[ax])
-        out.append(np.pad(h, width))
-    return out
+    return extended(held, axes, multiple - held_steps(held, axes))
 
 
 def trim(value: np.ndarray, axis: int | None, real: int, fed: int) -> np.ndarray:
@@ -84,9 +82,7 @@ def empty(shape: tuple, dtype, axis: int, batch: int) -> np.ndarray:
 def first(arrays: list, axes: list, held: list | None, latency: int) -> tuple[list | None, list | None]:
     """(the arrays to feed now, or None while a stream's first steps are no more than
     ``latency``; the frames to hold, or None)."""
-    if held is not None:
-        arrays = [a if ax is None else np.concatenate([h, a], axis=ax)
-                  for a, h, ax in zip(arrays, held, axes)]
+    arrays = joined(arrays, axes, held)
     total = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
     if total <= latency:
         return None, [a.copy() for a in arrays]
