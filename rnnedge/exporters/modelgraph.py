@@ -5,12 +5,10 @@ gate runs."""
 
 from __future__ import annotations
 
-import itertools
 from fractions import Fraction
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from rnnedge.contract import ExportSpec, TensorSpec
@@ -22,20 +20,7 @@ from rnnedge.exporters.inputs import (
     Input,
     numbered_names,
 )
-from rnnedge.exporters.stepping import (
-    SELF_ATOL,
-    SELF_RTOL,
-)
-
-
-def _check_params(model: nn.Module) -> None:
-    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if p.is_floating_point() and p.dtype != torch.float32:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} has {p.dtype} weights ({name}); rnnedge exports "
-                "float32 models: call model.float() first"
-            )
-
+from rnnedge.exporters.stepping import SELF_ATOL, SELF_RTOL
 
 # Eager sizes used to tell which output axes follow batch and time: (batch, time) twice.
 PROBE_SIZES = ((2, 3), (3, 5))
@@ -45,8 +30,6 @@ def probe_sizes(min_length: int | None) -> tuple:
     """PROBE_SIZES with every time at least ``min_length`` (still two different times)."""
     low = min_length or 1
     return tuple((b, max(t, low + k)) for k, (b, t) in zip((0, 2), PROBE_SIZES))
-
-
 
 
 def _run(form: Form, x, batch: int, time: int | None, inputs=None) -> list:
