@@ -75,6 +75,9 @@ def test_arch_from_a_python_file(cli, tmp_path):
 @pytest.mark.parametrize("args,pattern", [
     (["--arch", "no_such_module_xyz:Model"], "could not import no_such_module_xyz"),
     (["--arch", "json:dumps"], "expected an nn.Module subclass named dumps"),
+    (["--arch", "torch.nn:LTSM"], r"named LTSM in torch\.nn, found nothing; did you mean LSTM\?$"),
+    (["--arch", "torch.nn:Grucell"], r"found nothing; did you mean GRUCell( or \w+)*\?$"),
+    (["--arch", "torch.nn:Qzxv"], r"named Qzxv in torch\.nn, found nothing$"),
     (["--arch", "torch.nn:LSTM", "--arch-kwargs", "{not json"], "must be a JSON object"),
     (["--arch", "torch.nn:LSTM", "--arch-kwargs", '{"bogus": 1}'], "--arch-kwargs"),
     (["--arch", "LSTM"], "module:Class"),
@@ -199,6 +202,36 @@ def test_inspect_table_and_json(cli, tmp_path, tiny_lstm_file):
         assert text in table.stdout
     as_json = json.loads(cli("inspect", out, "--json").stdout)
     assert as_json == ortref.contract(out)
+
+
+@pytest.mark.parametrize("facts,shown,hidden", [
+    ({"nan_propagates": True, "referee": "float64"},
+     ["NaN input: propagates", "; referee float64"], ["does not propagate"]),
+    ({"nan_propagates": False, "referee": "float32"},
+     ["NaN input: does not propagate (the runtime refuses NaN/inf by default)",
+      "; referee float32"], ["NaN input: propagates"]),
+    ({"nan_propagates": None}, [], ["NaN input", "referee"]),
+], ids=["propagates", "does-not", "not-probed"])
+def test_inspect_shows_the_nan_probe_and_referee(cli, tmp_path, tiny_lstm_file, facts, shown, hidden):
+    import onnx
+
+    from rnnedge.contract import METADATA_KEY
+
+    out = tmp_path / "out.onnx"
+    assert cli("export", tiny_lstm_file, "-o", out, "--input-shape", "batch,time,6", "--trust-pickle").exit_code == 0
+    graph = onnx.load(out)
+    prop = next(p for p in graph.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    meta["parity"] = {k: v for k, v in meta["parity"].items() if k != "referee"} | facts
+    prop.value = json.dumps(meta)
+    onnx.save(graph, out)
+    table = cli("inspect", out)
+    assert table.exit_code == 0, table.output
+    text = " ".join(table.stdout.split())  # rich may wrap long lines
+    for fragment in shown:
+        assert fragment in text, (fragment, text)
+    for fragment in hidden:
+        assert fragment not in text, (fragment, text)
 
 
 def test_inspect_errors(cli, tmp_path):

@@ -155,9 +155,11 @@ CASES = {
                                      dict(input_axes=[("batch", 4, "time")]),
                                      rnnedge.UnsupportedModelError, ["conv", "sequence"]),
     "conv-front-end-guessed": (ConvGRU, torch.randn(1, 4, 12), {}, rnnedge.RnnedgeError,
-                               ["assumed axes: batch=0, time=1"]),
+                               ["assumed axes: batch=0, time=1", "(--input-shape, e.g. "
+                                "batch,4,time for the example of shape (1, 4, 12))"]),
     "resized-probe-names-shape": (FixedBatch, torch.randn(1, 5, 4), {}, rnnedge.UsageError,
-                                  ["fails", "(2, ", "assumed axes: batch=0, time=1"]),
+                                  ["fails", "(2, ", "assumed axes: batch=0, time=1",
+                                   "e.g. batch,5,time for the example of shape (1, 5, 4)"]),
     "dropout-step-module": (DropoutStep, torch.randn(2, 4), {}, rnnedge.UnsupportedModelError,
                             ["not deterministic", "F.dropout"]),
     "dropout-lifted": (DropoutLifted, torch.randn(2, 5, 4), {}, rnnedge.UnsupportedModelError,

@@ -356,13 +356,22 @@ def test_python_loop_over_time_is_a_parity_error(tmp_path):
      r"layer 'block\.1' is a tests\.zoo\.CustomLSTM"),
     (zoo.StatefulAttribute(), rnnedge.UnsupportedModelError,
      r"'lstm' \(LSTM\) is given a non-zero initial state"),
-    (zoo.DataDependent(), rnnedge.ExportError, r"torch\.export could not trace DataDependent"),
+    (zoo.DataDependent(), rnnedge.ExportError, r"torch\.export could not trace DataDependent \(GuardOnDataDependentSymNode: .*\) "
+     r"at tests/zoo\.py:\d+; make forward\(\) traceable"),
 ], ids=["no-state", "custom-layer", "state-attribute", "data-dependent"])
 def test_unsupported_models_are_refused_in_one_line(tmp_path, model, error, pattern):
     with pytest.raises(error, match=pattern) as info:
         rnnedge.export(model.eval(), tmp_path / "m.onnx", example_input=torch.randn(2, 5, 6))
     assert "\n" not in str(info.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_trace_failure_names_no_line_when_none_is_the_models():
+    from rnnedge.exporters.torchonnx import failure
+
+    # Raised by no frame at all: nothing to name, the message stays as it was.
+    text = str(failure(RuntimeError("boom"), "M"))
+    assert text.startswith("torch.export could not trace M (RuntimeError: boom); make forward()")
 
 
 def test_bad_example_and_axes_are_usage_errors(tmp_path):

@@ -194,7 +194,8 @@ ADVICE = [
     ("streaming only", gate.policy_for("fp32"),
      [(c, True) for c in FULLS] + [(c, c.chunks == (1,)) for c in STREAMS],
      "Whole sequences match", ["2 of 12 cases", "Whole sequences match but chunked streaming does not",
-      "mode='sequence'", "[stream B=1 T=53 chunks=5,1,12: output max_abs=0.5 max_rel=0.5]"]),
+      "depends on the whole sequence or on the position in it (global or cumulative "
+      "normalisation, pooling, a bidirectional layer)", "mode='sequence' (--mode sequence)", "[stream B=1 T=53 chunks=5,1,12: output max_abs=0.5 max_rel=0.5]"]),
     ("some lengths", gate.policy_for("fp32"),
      [(c, c.length in (1, 7)) for c in FULLS] + [(c, False) for c in STREAMS],
      "matches at some lengths", ["8 of 12 cases", "matches at some lengths only (T=1,7)", "Python loop over time"]),

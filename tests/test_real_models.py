@@ -212,7 +212,10 @@ def test_dprnn_like_keeps_its_state_inside_a_sequence_graph(tmp_path):
 
 @pytest.mark.slow
 def test_dprnn_like_in_stream_mode_names_the_folded_layer(tmp_path):
-    with pytest.raises(UnsupportedModelError, match=r"layer 'intra' \(LSTM\) runs over a batch"):
+    # Plain numbers (not "[6]") and the CLI's spelling of the advice.
+    with pytest.raises(UnsupportedModelError,
+                       match=r"layer 'intra' \(LSTM\) runs over a batch of 6 rows where the "
+                             r"model's batch is 2 .*export with mode='sequence' \(--mode sequence\)"):
         _export(tmp_path, _seeded(DPRNNLike), torch.randn(1, 4, 12), mode="stream",
                 input_axes=[("batch", 4, "time")])
 

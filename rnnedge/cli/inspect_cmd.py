@@ -103,4 +103,10 @@ def command(graph_path: Path, as_json: bool):
             line += (f"; {parity.get('precision')} graph proven on {parity.get('device')}: drift "
                      f"{_num(parity.get('drift'))} (limit {parity.get('drift_limit')}), steps within "
                      f"atol {parity.get('atol')}, rtol {parity.get('rtol')}")
+        if parity.get("referee"):
+            line += f"; referee {parity['referee']}"
         console.print(line)
+        nan = parity.get("nan_propagates")
+        if nan is not None:  # null: not probed
+            console.print("NaN input: propagates" if nan else "NaN input: does not propagate "
+                          "(the runtime refuses NaN/inf by default)")

@@ -34,7 +34,14 @@ the end of this call that lie past the end of the stream (0 but on the last call
 ``Stream.flush`` makes: ``latency`` zero frames appended, this state set to
 ``latency``). Each look-ahead op zeroes the last ``flush - up`` frames of its input
 (``up``: the latency of the ops before it), i.e. it gets exactly its own right padding
-of zeros, so stream + flush equals the model on the whole input.
+of zeros, so stream + flush equals the model on the whole input. Look-ahead ops in series
+add up (``up`` of each: the sum before it). Where paths of different latencies join (a skip
+connection, a concat), the less late one goes through a delay line (kind "delay", no
+module; ``delays``): a cache of the difference in frames and a counter, as above.
+
+A call of fewer than ``latency + 1`` frames at a stream's start emits no frame; onnxruntime's
+CPU GRU/LSTM kernels abort the process (``std::terminate``) on 0 steps, so nothing feeds a
+graph such a call (the runtime holds a stream's first frames; the gate's probes are longer).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from torch import Tensor, nn
 
 from rnnedge.contract import FLUSH_STATE, FLUSH_STATE_OUT, StateSpec
 
-KINDS = ("conv", "pool", "transposed")
+KINDS = ("conv", "pool", "transposed", "delay")
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,8 @@ class TemporalOp:
     cache's shape with "batch" at axis 0 and ``cache`` at ``axis``. multiple: the input
     frames (of the model input) per frame of this op's input. delay: frames it looks
     ahead (streamed late; stride 1 only). up: the input frames the ops before it delay its
-    input by (found by ``temporal.latencies``).
+    input by (found by ``temporal.latencies``). join: for kind "delay" (a delay line, no
+    module: ``delays``), the (join, argument) it delays.
     """
 
     path: str
@@ -79,6 +87,7 @@ class TemporalOp:
     multiple: int = 1
     delay: int = 0
     up: int = 0
+    join: tuple | None = None
 
     def state_names(self) -> tuple[str, str]:
         return f"{self.path}.cache0", f"{self.path}.cachen"
@@ -112,7 +121,7 @@ class Cached:
     """One op of the model, as patched."""
 
     op: TemporalOp
-    module: nn.Module
+    module: nn.Module | None  # None: a delay line
     slot: Slot = field(default_factory=Slot)
     flush: Slot | None = None  # the graph's flush state (shared by all ops), when any looks ahead
 
@@ -123,7 +132,8 @@ class Caches:
     def __init__(self, model: nn.Module, ops: list[TemporalOp]):
         modules = dict(model.named_modules())
         self.flush = Slot() if any(op.delay for op in ops) else None
-        self.ops = [Cached(op, modules[op.path], flush=self.flush) for op in ops]
+        self.ops = [Cached(op, modules.get(op.path) if op.kind != "delay" else None,
+                           flush=self.flush) for op in ops]
 
     @property
     def latency(self) -> int:
@@ -141,12 +151,24 @@ class Caches:
         patched = []
         try:
             for c in self.ops:
-                c.module.forward = CacheCall(c)
-                patched.append(c)
+                if c.module is not None:
+                    c.module.forward = CacheCall(c)
+                    patched.append(c)
             yield self
         finally:
             for c in patched:
                 vars(c.module).pop("forward", None)
+
+    def joining(self, inputs):
+        """A context that delays, at each join of paths of different latencies, the less
+        late one (``delays``; after ``begin``); ``inputs``: the timed data inputs."""
+        if self.flush is None:
+            return contextlib.nullcontext()
+        from rnnedge.exporters.delays import Joins  # it builds on this module
+
+        late = {c.module: c.op.delay for c in self.ops if c.module is not None and c.op.delay}
+        lines = {c.op.join: (c.op, c.slot) for c in self.ops if c.op.kind == "delay"}
+        return Joins(late, lines).around(inputs)
 
     def begin(self, states) -> None:
         """Hand the initial states (flat, in ``specs`` order) to the slots."""
@@ -201,7 +223,7 @@ class CacheCall:
             x = _zero_past_end(x, a, self.cached.flush.init, op.up)
         y = self._op(x)
         if op.delay:
-            y, slot.seen_final = _drop_before_start(y, a, slot.seen, op.delay)
+            y, slot.seen_final = drop_before_start(y, a, slot.seen, op.delay)
         return y
 
     def _op(self, x: Tensor) -> Tensor:
@@ -243,7 +265,7 @@ def _zero_past_end(x: Tensor, a: int, flush: Tensor, up: int) -> Tensor:
     return x * (idx + past < n).to(x.dtype).reshape(shape)
 
 
-def _drop_before_start(y: Tensor, a: int, seen: Tensor, delay: int) -> tuple[Tensor, Tensor]:
+def drop_before_start(y: Tensor, a: int, seen: Tensor, delay: int) -> tuple[Tensor, Tensor]:
     """(``y`` without the frames that fall before the sequence, the new counter): of the
     first ``delay`` output frames of a stream, none is emitted."""
     idx, n = _count(y, a)

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import StateSpec
 from rnnedge.errors import ParityError, UnsupportedModelError
-from rnnedge.exporters import temporal, trace
+from rnnedge.exporters import delays, temporal, trace
 from rnnedge.exporters.conv_cache import Caches
 from rnnedge.exporters.inputs import Input, resize
 from rnnedge.exporters.stepping import PROTOCOL, StepState, call_step, split_step
@@ -85,20 +85,25 @@ class _InternalWrapper(nn.Module):
 
 class _LiftWrapper(nn.Module):
     def __init__(self, model: nn.Module, ctx: trace.Context, n_inputs: int,
-                 caches: Caches | None = None):
+                 caches: Caches | None = None, timed: Callable = tuple):
         super().__init__()
         self.model = model
         self.n_inputs = n_inputs
         self._ctx = ctx  # a plain object: not a Module
         self._caches = caches  # the temporal ops' caches (conv_cache), after the layers' states
         self._n_layer_states = sum(len(layer.state_shapes()) for layer in ctx.layers)
+        self._timed = timed  # flat data inputs -> the timed ones (delay lines tag them)
 
     def forward(self, *flat):
         states = flat[self.n_inputs:]
         self._ctx.begin(states[: self._n_layer_states])
         if self._caches is not None:
             self._caches.begin(states[self._n_layer_states:])
-        out = self.model(*flat[: self.n_inputs])
+        if self._caches is not None:
+            with self._caches.joining(self._timed(flat[: self.n_inputs])):
+                out = self.model(*flat[: self.n_inputs])
+        else:
+            out = self.model(*flat[: self.n_inputs])
         finals = self._ctx.end()
         if self._caches is not None:
             finals += self._caches.end()
@@ -262,10 +267,12 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
         if foreign is not None and mode == "stream":
             raise UnsupportedModelError(
                 f"layer {foreign.path!r} ({trace.kind_name(foreign.module)}) runs over a batch "
-                f"of {sorted(foreign.record.batches)} rows where the model's batch is "
+                f"of {', '.join(map(str, sorted(foreign.record.batches)))} rows where the "
+                "model's batch is "
                 f"{int(probe_x[0].shape[inputs[0].axes.index('batch')])} (e.g. chunks of time "
                 "folded into the batch), so its state cannot be carried from call to call; "
-                "export with mode='sequence' (its state then stays inside the graph)"
+                "export with mode='sequence' (--mode sequence), which keeps its state inside "
+                "the graph"
             )
         if foreign is not None:
             states = "internal"
@@ -309,10 +316,12 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
         # Convolutions/pooling along time stream with their input's last frames as a cache.
         ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
                                          probe_x)
+        # Skip connections around look-ahead ops: the less late path gets a delay line.
+        ops += delays.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x, ops)
         if ops:
             caches = Caches(model, ops)
             specs += caches.specs()
-    wrapper = _LiftWrapper(model, ctx, len(inputs), caches)
+    wrapper = _LiftWrapper(model, ctx, len(inputs), caches, lambda x: delays.timed(inputs, x))
 
     @contextlib.contextmanager
     def installed(tracing: bool):

@@ -163,7 +163,7 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
 
     # The first eager runs of the user's forward: an exception here means the example
     # (or --input-shape) does not fit the model, which is the caller's to fix.
-    with _user_forward(what, tried, inputs):
+    with _user_forward(what, tried, inputs, examples[0]):
         if not step and fits_state:
             try:
                 step = looks_like_step(call_step(probe_x, None))
@@ -258,8 +258,20 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
                 lengths_input=lengths_at)
 
 
+def _axes_hint(info, example) -> str:
+    """--input-shape for the example (e.g. (1, 32, 100)) in the other usual layout, since the
+    assumed one may be what failed: (batch, time, F) offered as batch,32,time and back."""
+    axes, shape = list(info.axes), [int(n) for n in example.shape]
+    if "time" in axes and len(axes) >= 3:
+        t = axes.index("time")
+        last = len(axes) - 1
+        other = last if t != last else next(i for i, a in enumerate(axes) if a != "batch")
+        axes[t], axes[other] = shape[t], "time"
+    return ",".join(str(a) for a in axes)
+
+
 @contextlib.contextmanager
-def _user_forward(what: str, tried: list, inputs):
+def _user_forward(what: str, tried: list, inputs, example):
     """UsageError for an exception of the user's forward, naming the input shapes it was
     run at (``tried[-1]``, resized from the example) and the axes assumed."""
     try:
@@ -274,5 +286,6 @@ def _user_forward(what: str, tried: list, inputs):
             f"{what}.forward fails on an input of shape {shapes} ({type(exc).__name__}: {line}); "
             f"assumed axes: {assumed_axes(inputs)}; check that the input shape and dtype "
             "(--input-shape, --input-dtype) fit the model, or declare the axes with "
-            "input_axes (--input-shape batch,4,time)"
+            f"input_axes (--input-shape, e.g. {_axes_hint(inputs[0], example)} for the "
+            f"example of shape {tuple(int(n) for n in example.shape)})"
         ) from exc

@@ -14,8 +14,11 @@ and ops whose look-ahead is absorbed by their stride (e.g. kernel 3, padding 1, 
 transposed convolutions without time cropping (upsampling, their overlap carried);
 right padding whose extra end frames the model crops (``y[..., :T]``; the gate checks);
 strides of any size (chunks are then multiples of the total stride: ``chunk_multiple``).
-What is refused, by name, with why: ops that look ahead of the chunk (a centred kernel:
-latency, not streamed by this version), non-zero or reflect padding along time, max
+Ops that look ahead at stride 1 ("same" padding) stream late (``delay``, the model's
+latency: the sum along a chain of them, each op's ``up`` the latency before it), with delay
+lines where paths of different latencies join (``delays``). What is refused, by name, with
+why: look-ahead at a stride or in a model with strided or transposed ops along time,
+non-zero or reflect padding along time, max
 pooling over padded time, ``ceil_mode``, a pad along time that does not feed an op
 directly, ops called more than once per forward, and ops that see the whole sequence
 (InstanceNorm, attention, adaptive pooling over time).
@@ -211,12 +214,6 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
                       f"looks {late.delay} frame(s) ahead (streamed as latency) in a model with "
                       "strided or transposed ops along time; this version streams look-ahead in "
                       "stride-1 stacks only: pad it causally, or export with mode='sequence'")
-    lates = [op for op in ops if op.delay]
-    if len(lates) > 1:  # two data-dependent frame drops in one graph: the exporter aborts
-        raise _refuse(lates[1].path, modules[lates[1].path],
-                      f"looks {lates[1].delay} frame(s) ahead after {lates[0].path!r} does too; "
-                      "this version streams one look-ahead op per model (as latency): pad the "
-                      "others causally, or export with mode='sequence'")
     return ops, multiple
 
 
@@ -226,7 +223,8 @@ def latencies(caches: Caches, run, inputs, probe_x) -> list[int | None]:
 
     run(x): the model's streamed form (caches installed, zero states) on inputs ``x``;
     returns its flat data outputs. Refuses a model whose outputs lag by different amounts
-    or that joins paths of different latencies (a skip connection around a look-ahead op).
+    or that joins paths of different latencies where no delay line aligns them (a join the
+    ``delays`` mode does not see).
     """
     late = [c for c in caches.ops if c.op.delay]
     longest = sum(c.op.delay for c in late) + GROW
@@ -245,7 +243,7 @@ def latencies(caches: Caches, run, inputs, probe_x) -> list[int | None]:
             raise UnsupportedModelError(
                 f"the model fails when streamed with its look-ahead ops {names} late by their "
                 f"look-ahead ({type(exc).__name__}): a skip connection or concatenation joins "
-                "paths of different latencies, which this version does not align; pad those "
+                "paths of different latencies where rnnedge found no join to delay; pad those "
                 "ops causally, or export with mode='sequence'") from exc
         if extra == 0:
             for c in late:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from rnnedge.errors import ExportError, RnnedgeError
+from rnnedge.exporters.sourceline import model_frame
 from rnnedge.exporters.translations import translations
 
 IR_VERSION = 10  # what the exporter writes; runtimes lag behind onnx
@@ -125,8 +126,10 @@ def failure(exc: BaseException, what: str) -> ExportError:
             "here: compute it with other tensor ops in forward(), or keep it outside the "
             "exported model"
         )
+    where = model_frame(chain)
+    at = f" at {where}" if where else ""
     return ExportError(
-        f"torch.export could not trace {what} ({_first_line(exc)}); make forward() "
+        f"torch.export could not trace {what} ({_first_line(exc)}){at}; make forward() "
         "traceable by torch.export (no Python control flow on tensor values, no "
         "numpy/.item() calls), or write the model as a step-protocol module "
         "forward(x, state) -> (output, state)"

@@ -108,8 +108,11 @@ def initial_states(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
     for s in spec.states:
         arr = rng.standard_normal(s.shape_for(batch)).astype(s.dtype) * 0.5 if random else s.zeros(batch)
         states[s.input] = arr
-    if FLUSH_STATE in states:  # not a state a stream starts in: it marks a stream's last call
-        states[FLUSH_STATE] = np.zeros_like(states[FLUSH_STATE])
+    for name in states:
+        # The flush state marks a stream's last call; look-ahead ops' and delay lines' frame
+        # counters (``.seen0``) agree only from a stream's start: neither is drawn at random.
+        if name == FLUSH_STATE or name.endswith(".seen0"):
+            states[name] = np.zeros_like(states[name])
     return states
 
 

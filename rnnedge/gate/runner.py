@@ -239,8 +239,10 @@ def run_gate(plan: Plan, model_bytes: bytes | str | os.PathLike, policy: Policy,
     names = tuple((t.name, "output") for t in plan.spec.outputs)
     names += tuple((s.output, "state") for s in plan.spec.states)
     try:
+        # More steps than the latency: a look-ahead graph emits nothing on a shorter first
+        # call, and onnxruntime's CPU GRU/LSTM abort the process on 0 steps.
         nan = nan_propagates(plan, model_bytes, providers, session=graph.session,
-                             steps=max(span.low, STEPS))
+                             steps=max(span.low, STEPS, plan.spec.latency + 1))
     except Exception:  # noqa: BLE001 - a graph that cannot take the probe: not known
         nan = None
     return GateResult(policy, tuple(results), names, nan,

@@ -168,9 +168,10 @@ def _advice(result: GateResult, failed: list[CaseResult]) -> str:
                     "time axis); compute sizes with tensor ops on x.shape, or give the longest "
                     "length you run as max_length (--max-length) to find the bound at export")
     if full and all(r.passed for r in full) and all(r.case.kind == "stream" for r in failed):
-        return ("Whole sequences match but chunked streaming does not: the model looks at "
-                "the whole sequence (e.g. mean pooling, a bidirectional layer), so it cannot "
-                "stream; export it with mode='sequence' (--mode sequence)")
+        return ("Whole sequences match but chunked streaming does not: the model depends on "
+                "the whole sequence or on the position in it (global or cumulative "
+                "normalisation, pooling, a bidirectional layer), so it cannot stream; export "
+                "it with mode='sequence' (--mode sequence)")
     lengths = sorted({r.case.length for r in full if r.passed})
     if full and lengths and any(not r.passed for r in full):
         return ("The graph matches at some lengths only (T=" + ",".join(map(str, lengths))

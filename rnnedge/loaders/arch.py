@@ -9,6 +9,7 @@ importing runs the module's code); ``"@@..."`` is the literal string ``"@..."``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import json
@@ -60,8 +61,14 @@ def build_arch(arch: str, arch_kwargs: str | dict | None = None) -> nn.Module:
     cls = getattr(mod, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         found = "nothing" if cls is None else type(cls).__name__
+        # Near names, case aside (Grucell -> GRUCell): the module's nn.Module classes.
+        modules = {k.lower(): k for k, v in vars(mod).items()
+                   if isinstance(v, type) and issubclass(v, nn.Module)}
+        near = [modules[k] for k in difflib.get_close_matches(name.lower(), modules, n=3)]
+        hint = f"; did you mean {' or '.join(near)}?" if near else ""
         raise ModelLoadError(
-            f"--arch {arch}: expected an nn.Module subclass named {name} in {where}, found {found}"
+            f"--arch {arch}: expected an nn.Module subclass named {name} in {where}, "
+            f"found {found}{hint}"
         )
     try:
         return cls(**kwargs)

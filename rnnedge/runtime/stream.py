@@ -223,6 +223,10 @@ class Stream:
         return outs[0] if self._single_out else dict(zip(self._out_names, outs))
 
     def _flush_late(self, axes: list):
+        if not self._started and remainder.held_steps(self._held, axes) == 0:
+            # Nothing fed: the graph would emit 0 steps, which onnxruntime's CPU GRU/LSTM
+            # kernels abort the process on.
+            return self._empty()
         held = self._held or [remainder.take_none(t, self.batch) for t in self._data]
         feed = remainder.extended(held, axes, self._latency)
         saved = self._engine.get_state()
