@@ -140,6 +140,14 @@ class Stream:
                 engine.undo()
                 self._readable = None
                 raise nonfinite_result("step()", bad)
+        return self._as_y(values)
+
+    def _as_x(self, arrays: list):
+        """Data input arrays, in contract order, as ``step`` takes them."""
+        return arrays[0] if self._single else dict(zip(self.input_names, arrays))
+
+    def _as_y(self, values: list):
+        """Output arrays, in contract order, as ``step`` returns them."""
         return values[0] if self._single_out else dict(zip(self._out_names, values))
 
     @property
@@ -169,8 +177,7 @@ class Stream:
         if feed is None:
             self._held = keep
             return self._empty() if read else None
-        out = self._step_once(feed, read) if self._latency else \
-            self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), read)
+        out = self._step_once(feed, read) if self._latency else self._step(self._as_x(feed), read)
         self._held = keep  # after the call: a failed call holds what it held before
         self._started = True
         return out
@@ -182,7 +189,7 @@ class Stream:
         self._engine.forget(key)
         self._slot = None
         try:
-            return self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), read)
+            return self._step(self._as_x(feed), read)
         finally:
             self._engine.forget(key)
             self._slot = None
@@ -190,7 +197,7 @@ class Stream:
     def _empty(self):
         values = [remainder.empty(t.shape, t.dtype, t.time_axis, self.batch)
                   for t in self.model.contract.outputs]
-        return values[0] if self._single_out else dict(zip(self._out_names, values))
+        return self._as_y(values)
 
     @property
     def held(self) -> int:
@@ -215,12 +222,12 @@ class Stream:
         if real == 0:
             return self._empty()
         feed = remainder.padded(self._held, axes, self._multiple)
-        out = self._step(feed[0] if self._single else dict(zip(self.input_names, feed)), True)
+        out = self._step(self._as_x(feed), True)
         self._held = None
         outs = [out] if self._single_out else [out[n] for n in self._out_names]
         outs = [remainder.trim(v, t.time_axis, real, self._multiple)
                 for v, t in zip(outs, self.model.contract.outputs)]
-        return outs[0] if self._single_out else dict(zip(self._out_names, outs))
+        return self._as_y(outs)
 
     def _flush_late(self, axes: list):
         if not self._started and remainder.held_steps(self._held, axes) == 0:
@@ -250,10 +257,7 @@ class Stream:
         """
         if self._readable is None:
             raise UsageError("read(): no outputs to read: no step has run, or the last one failed")
-        values = self._engine.host_outputs(self._readable)
-        if self._single_out:
-            return values[0]
-        return dict(zip(self._out_names, values))
+        return self._as_y(self._engine.host_outputs(self._readable))
 
     def _prepare(self, arrays: list):
         arrays = [check(t, a, self.batch, "step()") for t, a in zip(self._data, arrays)]
@@ -304,7 +308,7 @@ class Stream:
             self._held, self._started = held, started
             raise
         joined = [np.concatenate(piece, axis=t.time_axis) for piece, t in zip(pieces, contract.outputs)]
-        return joined[0] if self._single_out else dict(zip(self._out_names, joined))
+        return self._as_y(joined)
 
     @exclusive(STREAM)
     def reset(self, mask=None) -> None:
