@@ -134,7 +134,9 @@ class ExportSpec:
     states).
     chunk_multiple: stream graphs with strided ops along time (conv caches): every call
     but a stream's last takes a multiple of this many steps (1: any). latency: the input
-    steps an output step comes after its own input step (0: none).
+    steps an output step comes after its own input step (0: none). chunk_offset: with
+    ``chunk_multiple`` M > 1, a stream's first call takes T1 steps, T1 = chunk_offset
+    (mod M) and T1 > latency; later calls but the last take multiples of M (0: all do).
     """
 
     mode: str  # "stream" | "sequence"
@@ -148,6 +150,7 @@ class ExportSpec:
     state: str = "carried"
     chunk_multiple: int = 1
     latency: int = 0
+    chunk_offset: int = 0
 
     @property
     def data_inputs(self) -> tuple[TensorSpec, ...]:
@@ -167,7 +170,8 @@ class ExportSpec:
         """1, or 2 when a format-1 reader (which takes ``time_axis`` for every tensor)
         would misread a tensor's own time axis."""
         tensors = self.inputs + self.outputs
-        if self.chunk_multiple != 1 or self.latency:  # a format-1 reader would feed any chunk
+        # A format-1 reader would feed any chunk.
+        if self.chunk_multiple != 1 or self.latency or self.chunk_offset:
             return 2
         return 1 if all(_global_time_axis(self.time_axis, t) == t.time_axis for t in tensors) else 2
 
@@ -192,6 +196,7 @@ class ExportSpec:
             # Written only when not the default: other graphs read as before.
             **({"chunk_multiple": self.chunk_multiple} if self.chunk_multiple != 1 else {}),
             **({"latency": self.latency} if self.latency else {}),
+            **({"chunk_offset": self.chunk_offset} if self.chunk_offset else {}),
         }
 
     def metadata_json(self, parity: dict | None = None) -> str:
@@ -363,15 +368,15 @@ def from_json(text: str) -> ExportSpec:
         raise _fail(f"'state' must be one of {STATE_KINDS} (internal: a sequence graph without "
                     f"states), got {state!r}")
     steps = {}
-    for key, low in (("chunk_multiple", 1), ("latency", 0)):
+    for key, low in (("chunk_multiple", 1), ("latency", 0), ("chunk_offset", 0)):
         value = meta.get(key, low)
         if not _is_int(value) or value < low:
             raise _fail(f"{key!r} must be an int >= {low}, got {value!r}")
         steps[key] = value
-    if steps["chunk_multiple"] > 1 and steps["latency"]:
-        # The runtime holds back remainders or a look-ahead graph's first frames, not both:
-        # rnnedge writes no such graph, and a stream would feed it wrong chunks.
-        raise _fail(f"'chunk_multiple' {steps['chunk_multiple']} with 'latency' "
-                    f"{steps['latency']}: a graph has one or the other; re-export the model")
+    if steps["chunk_offset"] >= steps["chunk_multiple"]:
+        # The first call's steps modulo chunk_multiple: a residue, so below it (and with
+        # chunk_multiple 1, always 0).
+        raise _fail(f"'chunk_offset' must be below 'chunk_multiple' "
+                    f"{steps['chunk_multiple']}, got {steps['chunk_offset']}")
     return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity), state,
                       **steps)

@@ -190,3 +190,109 @@ def helper_zero(inits) -> str:
     if not any(t.name == "ax0" for t in inits):
         inits.append(numpy_helper.from_array(np.array([0], np.int64), "ax0"))
     return "ax0"
+
+
+def strided_late(latency: int, multiple: int, delay: int = 0, channels: int = 2) -> bytes:
+    """A stream graph that is both late and strided, honouring the contract exactly.
+
+    The model on a whole input x (batch, N, C), zeros past its end: u[t] = x[t] + 2 x[t+L]
+    (t < N: a look-ahead of L = ``latency``); up (batch, 2N, C): u and -u interleaved
+    (time_ratio 2); y (batch, ceil(N/M), C): blocks of M = ``multiple`` frames of v =
+    ``delay`` zero frames then u (zeros past its end), y[j] = sum_i (i+1) v[jM+i]
+    (time_ratio [1, M]). Streamed: a cache of the last L input frames, a frame counter
+    (look.seen) and the flush state: a stream's first call drops u's first L frames and
+    puts the delay in front of v, so v's frames come in blocks when the first call has
+    T1 = L - delay (mod M) steps (``chunk_offset``; any other length fails in Reshape) and
+    later ones multiples of M. A flush call (flush state F >= L) emits u up to F frames
+    before its end and pads v to a block with zeros. delay <= L.
+    """
+    big = np.iinfo(np.int64).max
+    inits = []
+
+    def c(name, value, dtype=np.int64):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    n = helper.make_node
+    c("L", [latency]), c("M", [multiple]), c("D", [delay]), c("zero", [0]), c("one", [1])
+    c("ax1", [1]), c("ax2", [2]), c("big", [big]), c("two", 2.0, np.float32)
+    c("w", (np.arange(multiple, dtype=np.float32) + 1).reshape(multiple, 1), np.float32)
+    c("shp_up", [0, -1, channels]), c("shp_blocks", [0, -1, multiple, channels])
+    nodes = [
+        n("Shape", ["x"], ["T"], start=1, end=2),
+        n("Concat", ["look.cache0", "x"], ["z"], axis=1),
+        n("Slice", ["z", "zero", "T", "ax1"], ["z_now"]),
+        n("Add", ["L", "T"], ["LT"]),
+        n("Slice", ["z", "L", "LT", "ax1"], ["z_ahead"]),
+        n("Mul", ["z_ahead", "two"], ["z_ahead2"]),
+        n("Add", ["z_now", "z_ahead2"], ["u_all"]),
+        n("Slice", ["z", "T", "big", "ax1"], ["look.cachen"]),
+        # Row 0's counters count for all rows.
+        n("Slice", ["look.seen0", "zero", "one", "zero"], ["seen_r"]),
+        n("Reshape", ["seen_r", "one"], ["seen_f"]),
+        n("Cast", ["seen_f"], ["seen"], to=TensorProto.INT64),
+        n("Slice", ["latency.flush0", "zero", "one", "zero"], ["flush_r"]),
+        n("Reshape", ["flush_r", "one"], ["flush_f"]),
+        n("Cast", ["flush_f"], ["flush"], to=TensorProto.INT64),
+        n("Sub", ["L", "seen"], ["L_seen"]),
+        n("Max", ["zero", "L_seen"], ["drop"]),
+        n("Sub", ["flush", "L"], ["F_L"]),
+        n("Max", ["zero", "F_L"], ["cut_end"]),
+        n("Sub", ["T", "cut_end"], ["kend"]),
+        n("Slice", ["u_all", "drop", "kend", "ax1"], ["u"]),
+        n("Unsqueeze", ["u", "ax1"], ["u_1"]),
+        n("Transpose", ["u_1"], ["u_2"], perm=[0, 2, 1, 3]),
+        n("Neg", ["u_2"], ["u_neg"]),
+        n("Concat", ["u_2", "u_neg"], ["u_pair"], axis=2),
+        n("Reshape", ["u_pair", "shp_up"], ["up"]),
+        n("Equal", ["seen", "zero"], ["is_first"]),
+        n("Cast", ["is_first"], ["first_i"], to=TensorProto.INT64),
+        n("Mul", ["first_i", "D"], ["pre"]),
+        n("Sub", ["kend", "drop"], ["count_u"]),
+        n("Add", ["count_u", "pre"], ["count_v"]),
+        n("Mod", ["count_v", "M"], ["rest"]),
+        n("Sub", ["M", "rest"], ["short"]),
+        n("Mod", ["short", "M"], ["to_block"]),
+        n("Greater", ["flush", "zero"], ["is_flush"]),
+        n("Cast", ["is_flush"], ["flush_i"], to=TensorProto.INT64),
+        n("Mul", ["to_block", "flush_i"], ["post"]),
+        n("Concat", ["zero", "pre", "zero", "zero", "post", "zero"], ["pads"], axis=0),
+        n("Pad", ["u", "pads"], ["v"]),
+        n("Reshape", ["v", "shp_blocks"], ["blocks"]),
+        n("Mul", ["blocks", "w"], ["weighted"]),
+        n("ReduceSum", ["weighted", "ax2"], ["y"], keepdims=0),
+        n("Cast", ["T"], ["T_f"], to=TensorProto.FLOAT),
+        n("Add", ["look.seen0", "T_f"], ["look.seenn"]),
+        n("Sub", ["latency.flush0", "latency.flush0"], ["latency.flushn"]),
+    ]
+    timed = ["batch", "time", channels]
+    states = [("look.cache0", "look.cachen", ["batch", latency, channels], 0),
+              ("look.seen0", "look.seenn", ["batch", 1], 0),
+              ("latency.flush0", "latency.flushn", ["batch", 1], 0)]
+    m = meta([("x", "float32", timed)],
+             [("u", "float32", timed), ("up", "float32", timed), ("y", "float32", timed)],
+             states, 1)
+    m["format"] = 2
+    m["outputs"][1]["time_ratio"] = 2
+    if multiple > 1:
+        m["outputs"][2]["time_ratio"] = [1, multiple]
+        m["chunk_multiple"] = multiple
+    m["latency"] = latency
+    if (latency - delay) % multiple:
+        m["chunk_offset"] = (latency - delay) % multiple
+    graph_in = [vi("x", timed)] + [vi(i, s) for i, _, s, _ in states]
+    graph_out = [vi(name, timed) for name in ("u", "up", "y")] + [vi(o, s) for _, o, s, _ in states]
+    return finish(nodes, graph_in, graph_out, inits, m, "strided_late")
+
+
+def strided_late_reference(x: np.ndarray, latency: int, multiple: int, delay: int = 0):
+    """(u, up, y) of ``strided_late``'s model on the whole input x (batch, N, C), in numpy."""
+    batch, steps, channels = x.shape
+    ahead = np.concatenate([x, np.zeros((batch, latency, channels), x.dtype)], axis=1)
+    u = x + 2 * ahead[:, latency:latency + steps]
+    up = np.stack([u, -u], axis=2).reshape(batch, 2 * steps, channels)
+    v = np.concatenate([np.zeros((batch, delay, channels), x.dtype), u], axis=1)
+    v = np.pad(v, [(0, 0), (0, -v.shape[1] % multiple), (0, 0)])
+    w = (np.arange(multiple, dtype=np.float32) + 1).reshape(multiple, 1)
+    y = (v.reshape(batch, -1, multiple, channels) * w).sum(axis=2)
+    return u, up, y[:, :-(-steps // multiple)]

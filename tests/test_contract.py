@@ -45,6 +45,22 @@ def test_time_ratio_round_trips(ratio, written):
     assert from_json(spec.to_json()).outputs[0].time_ratio == ratio
 
 
+@pytest.mark.parametrize("multiple, latency, offset, fmt", [
+    (1, 0, 0, 1), (4, 0, 0, 2), (1, 3, 0, 2), (4, 2, 0, 2), (4, 5, 1, 2), (64, 84, 20, 2),
+    (4, 0, 3, 2),
+])
+def test_chunk_multiple_latency_and_offset_round_trip(multiple, latency, offset, fmt):
+    """Strided and late at once is a contract; the offset is written only when not 0."""
+    spec = SPEC.replace(chunk_multiple=multiple, latency=latency, chunk_offset=offset)
+    meta = json.loads(spec.to_json())
+    assert meta["format"] == fmt
+    assert ("chunk_offset" in meta) == (offset != 0)
+    assert meta.get("chunk_offset", 0) == offset
+    back = from_json(spec.to_json())
+    assert back == spec and (back.chunk_multiple, back.latency, back.chunk_offset) == (
+        multiple, latency, offset)
+
+
 def test_older_metadata_without_optional_entries_reads():
     meta = SPEC.metadata()
     for key in ("time_axis", "source", "parity"):
@@ -115,8 +131,18 @@ _DROP = object()
     (_set(["states", 0, "init"], "random"), "unknown init 'random'"),
     (_set(["states", 0, "dtype"], "complex64"), "dtype 'complex64'"),
     (_set(["parity"], [1]), "'parity' must be an object"),
-    (lambda meta: meta.update(chunk_multiple=4, latency=2, format=2),
-     "'chunk_multiple' 4 with 'latency' 2: a graph has one or the other"),
+    (lambda meta: meta.update(chunk_multiple=4, chunk_offset=4, format=2),
+     "'chunk_offset' must be below 'chunk_multiple' 4, got 4"),
+    (lambda meta: meta.update(chunk_offset=1, format=2),
+     "'chunk_offset' must be below 'chunk_multiple' 1, got 1"),
+    (lambda meta: meta.update(chunk_multiple=4, chunk_offset=-1, format=2),
+     "'chunk_offset' must be an int >= 0, got -1"),
+    (lambda meta: meta.update(chunk_multiple=4, chunk_offset=1.0, format=2),
+     "'chunk_offset' must be an int >= 0, got 1.0"),
+    (lambda meta: meta.update(chunk_multiple=4, chunk_offset=True, format=2),
+     "'chunk_offset' must be an int >= 0, got True"),
+    (lambda meta: meta.update(chunk_multiple=4, chunk_offset="2", format=2),
+     "'chunk_offset' must be an int >= 0, got '2'"),
     (_set(["outputs", 0, "time_ratio"], 0), "time_ratio must be an int >= 1 or a reduced fraction"),
     (_set(["outputs", 0, "time_ratio"], [2, 4]), "time_ratio must be an int >= 1 or a reduced fraction"),
     (_set(["outputs", 0, "time_ratio"], [1, 1]), "time_ratio must be an int >= 1 or a reduced fraction"),

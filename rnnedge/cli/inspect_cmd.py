@@ -89,8 +89,11 @@ def command(graph_path: Path, as_json: bool):
     console.print(table)
     caches = [s.input for s in spec.states if s.input.endswith(".cache0")]
     if caches or spec.chunk_multiple != 1 or spec.latency:
-        console.print(f"streaming: chunks of a multiple of {spec.chunk_multiple} steps, latency "
-                      f"{spec.latency} steps, {len(caches)} conv cache state(s)")
+        m = spec.chunk_multiple
+        chunks = (f"chunks: first \u2261 {spec.chunk_offset} (mod {m}) steps, then multiples "
+                  f"of {m};" if spec.chunk_offset else f"chunks of a multiple of {m} steps,")
+        console.print(f"streaming: {chunks} latency {spec.latency} steps, {len(caches)} conv "
+                      "cache state(s)")
     source, parity = spec.source, spec.parity
     if isinstance(source, dict):
         console.print(f"source: {source.get('class')} (torch {source.get('torch')})")

@@ -62,10 +62,14 @@ class Pool:
             raise ContractError(f"a pool batches streams along the batch axis, but {unbatched} "
                                 "have none; pass batch_axes= to rnnedge.load, or use streams")
         spec = contract.spec
-        if spec is not None and spec.latency:
+        if spec is not None and (spec.latency or spec.chunk_offset):
+            late = f"streams {spec.latency} steps late (contract latency: look-ahead " \
+                   "convolutions)" if spec.latency else ""
+            off = f"takes a first call of {spec.chunk_offset} (mod {spec.chunk_multiple}) " \
+                  "steps (contract chunk_offset)" if spec.chunk_offset else ""
             raise UsageError(f"a pool steps streams without holding their first steps back, but "
-                             f"this graph streams {spec.latency} steps late (contract latency: "
-                             "look-ahead convolutions); use one model.stream() per stream")
+                             f"this graph {' and '.join(w for w in (late, off) if w)}; use one "
+                             "model.stream() per stream")
         # Strided graphs: a chunk that is not a multiple would be silently wrong, so refused.
         self._multiple = spec.chunk_multiple if spec is not None else 1
         check_state_size(contract.states, 1, "pool()")

@@ -13,6 +13,12 @@ Graphs with ``latency`` > 0 (look-ahead convolutions streamed late) drop the fir
 steps (so that every op emits a frame), so a stream's first steps are held until there
 are (``first``); their flush call takes what is held and ``latency`` zero steps
 (``extended``).
+
+Graphs with both (m > 1 and ``latency`` L > 0, or a ``chunk_offset`` a > 0) take a first
+call of T1 steps, T1 = a (mod m) and T1 > L (``split`` with ``offset`` and ``least``;
+the smallest is ``first_length``), then multiples of m. Their flush call takes what is
+held zero-padded to that grid, then ``past_end`` zero steps; the stream's outputs are then
+cut to ``frames_due`` frames in all.
 """
 
 from __future__ import annotations
@@ -36,19 +42,72 @@ def joined(arrays: list, axes: list, held: list | None) -> list:
             for a, h, ax in zip(arrays, held, axes)]
 
 
-def split(arrays: list, axes: list, held: list | None, multiple: int) -> tuple[list | None, list]:
-    """(the arrays to feed now, or None when under ``multiple`` steps; the frames to hold).
+def split(arrays: list, axes: list, held: list | None, multiple: int, offset: int = 0,
+          least: int = 0) -> tuple[list | None, list]:
+    """(the arrays to feed now, or None when there is no length to feed; the frames to hold).
 
     arrays: one per data input, checked; axes: each one's time axis (None: no time axis,
-    fed as given); held: what the last call held, or None.
+    fed as given); held: what the last call held, or None. The length fed is the largest
+    one <= held + new steps that is ``offset`` modulo ``multiple``, if it is over ``least``
+    (0, 0: the largest multiple of ``multiple``, if any).
     """
     arrays = joined(arrays, axes, held)
     total = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
-    cut = total - total % multiple
+    cut = total - (total - offset) % multiple
+    if cut <= least:
+        return None, [None if ax is None else a.copy() for a, ax in zip(arrays, axes)]
     keep = [None if ax is None else _take(a, ax, cut, total).copy() for a, ax in zip(arrays, axes)]
-    if cut == 0:
-        return None, keep
     return [a if ax is None else _take(a, ax, 0, cut) for a, ax in zip(arrays, axes)], keep
+
+
+def first_length(multiple: int, offset: int, least: int) -> int:
+    """The smallest first call: the least T > ``least`` with T = ``offset`` (mod ``multiple``)."""
+    return least + 1 + (offset - least - 1) % multiple
+
+
+def past_end(latency: int, multiple: int) -> int:
+    """The zero steps a flush call appends past a stream's end: ``latency`` rounded up to a
+    multiple of ``multiple`` (so the call stays on the grid)."""
+    return -(-latency // multiple) * multiple
+
+
+def flush_steps(real: int, started: bool, multiple: int, offset: int, latency: int) -> int:
+    """The zero steps a flush call appends to the ``real`` steps held: up to the grid (a
+    multiple of ``multiple`` once the first call has run, else the smallest first call;
+    none for ``multiple`` 1, as before), then ``past_end``."""
+    if multiple == 1:
+        grid = 0
+    elif started:
+        grid = -real % multiple
+    else:
+        grid = first_length(multiple, offset, latency) - real
+    return grid + past_end(latency, multiple)
+
+
+def frames_due(steps: int, ratio) -> int:
+    """The frames an output of ``time_ratio`` ``ratio`` (int, or (num, den)) has for a
+    whole input of ``steps`` steps: ceil(steps * ratio)."""
+    num, den = ratio if isinstance(ratio, tuple) else (ratio, 1)
+    return -(-steps * num // den)
+
+
+def frames(value, axis: int) -> int:
+    """The steps along ``axis`` of an output: a numpy array or (CUDA) an OrtValue."""
+    shape = value.shape
+    return (shape() if callable(shape) else shape)[axis]
+
+
+def cut_due(values: list, axes: list, ratios: list, emitted: list, steps: int) -> list:
+    """A flush call's outputs, each cut along its time axis (None: as is) so that with the
+    ``emitted`` frames before it the stream's add up to at most ``frames_due(steps,
+    ratio)``; an output with fewer is kept as it is (never padded)."""
+    out = []
+    for value, axis, ratio, done in zip(values, axes, ratios, emitted):
+        keep = max(0, frames_due(steps, ratio) - done)
+        if axis is not None and value.shape[axis] > keep:
+            value = _take(value, axis, 0, keep).copy()
+        out.append(value)
+    return out
 
 
 def held_steps(held: list | None, axes: list) -> int:

@@ -56,6 +56,13 @@ class Stream:
         self._multiple = spec.chunk_multiple if spec is not None else 1
         # Look-ahead graphs (contract latency): the first call needs more than latency steps.
         self._latency = spec.latency if spec is not None else 0
+        # Strided graphs whose first call is off the grid (contract chunk_offset).
+        self._offset = spec.chunk_offset if spec is not None else 0
+        # Strided graphs with either: the flush call pads to the grid, and its outputs are cut
+        # so the stream's add up to ceil(real steps * time_ratio): counted per stream.
+        self._tally = self._multiple > 1 and bool(self._latency or self._offset)
+        self._ratios = [t.time_ratio for t in spec.outputs] if self._tally else []
+        self._fed, self._emitted = 0, [0] * len(self._out_names)
         self._started = False
         self._held = None
 
@@ -164,23 +171,42 @@ class Stream:
     def _step_held(self, x, read: bool):
         """``_step`` for graphs whose chunks are multiples of ``chunk_multiple`` steps: feeds
         the largest multiple of held + new steps, holds the rest (``remainder``); for graphs
-        with ``latency``, holds a stream's first steps until there are more than latency."""
-        if self._latency and self._started:
+        with ``latency``, holds a stream's first steps until there are more than latency;
+        with both (or ``chunk_offset``), the first call is the largest T1 = chunk_offset
+        (mod chunk_multiple) over latency, the later ones multiples."""
+        multiple, first = self._multiple, not self._started
+        if multiple == 1 and not first:  # a look-ahead graph after its first call
             return self._step(x, read)
         arrays = [check(t, a, self.batch, "step()") for t, a in
                   zip(self._data, as_list(self._data, x, "step()"))]
         axes = [t.time_axis for t in self._data]
-        if self._latency:
+        if multiple == 1:
             feed, keep = remainder.first(arrays, axes, self._held, self._latency)
+        elif first:
+            feed, keep = remainder.split(arrays, axes, self._held, multiple, self._offset,
+                                         self._latency)
         else:
-            feed, keep = remainder.split(arrays, axes, self._held, self._multiple)
+            feed, keep = remainder.split(arrays, axes, self._held, multiple)
         if feed is None:
             self._held = keep
             return self._empty() if read else None
-        out = self._step_once(feed, read) if self._latency else self._step(self._as_x(feed), read)
+        if first and (self._latency or self._offset):
+            out = self._step_once(feed, read)
+        else:
+            out = self._step(self._as_x(feed), read)
         self._held = keep  # after the call: a failed call holds what it held before
         self._started = True
+        if self._tally:
+            self._fed += remainder.held_steps(feed, axes)
+            self._count(self._readable.out_bufs)
         return out
+
+    def _count(self, values: list) -> list:
+        """Add the steps of ``values`` (the outputs, in contract order) to ``_emitted``."""
+        for i, (v, t) in enumerate(zip(values, self.model.contract.outputs)):
+            if t.time_axis is not None:
+                self._emitted[i] += remainder.frames(v, t.time_axis)
+        return values
 
     def _step_once(self, feed: list, read: bool):
         """``_step`` on fresh bindings, dropped after: a look-ahead graph's first call and its
@@ -214,9 +240,14 @@ class Stream:
         multiple and returns the real steps' outputs. Look-ahead graphs (``latency`` > 0):
         one flush call of the held steps and ``latency`` zero steps with the contract's
         flush state set, which gives the last ``latency`` outputs (and any held steps');
-        the state is then past the stream's end: ``reset()`` before the next stream."""
+        the state is then past the stream's end: ``reset()`` before the next stream.
+        Strided look-ahead graphs (both, or ``chunk_offset``): one flush call of the held
+        steps zero-padded to the grid (a multiple of chunk_multiple, or before the first
+        call the smallest first call), then latency rounded up to a multiple zero steps
+        (the flush state set to them); the outputs are cut so that the stream's add up to
+        ceil(steps fed * time_ratio) per output."""
         axes = [t.time_axis for t in self._data]
-        if self._latency:
+        if self._latency or self._offset:
             return self._flush_late(axes)
         real = remainder.held_steps(self._held, axes)
         if real == 0:
@@ -230,16 +261,19 @@ class Stream:
         return self._as_y(outs)
 
     def _flush_late(self, axes: list):
-        if not self._started and remainder.held_steps(self._held, axes) == 0:
-            # Nothing fed: the graph would emit 0 steps, which onnxruntime's CPU GRU/LSTM
-            # kernels abort the process on.
+        real = remainder.held_steps(self._held, axes)
+        pad = remainder.flush_steps(real, self._started, self._multiple, self._offset,
+                                    self._latency)
+        if (not self._started and real == 0) or real + pad == 0:
+            # Nothing to feed: the graph would emit 0 steps, which onnxruntime's CPU
+            # GRU/LSTM kernels abort the process on.
             return self._empty()
         held = self._held or [remainder.take_none(t, self.batch) for t in self._data]
-        feed = remainder.extended(held, axes, self._latency)
+        feed = remainder.extended(held, axes, pad)
         saved = self._engine.get_state()
-        marked = dict(saved)
-        marked[FLUSH_STATE] = np.full_like(saved[FLUSH_STATE], self._latency)
-        self._engine.set_state(marked)
+        if self._latency:  # graphs with only a chunk_offset have no flush state (past: 0)
+            past = remainder.past_end(self._latency, self._multiple)
+            self._engine.set_state({FLUSH_STATE: np.full_like(saved[FLUSH_STATE], past)})
         try:
             out = self._step_once(feed, True)
         except BaseException:
@@ -247,7 +281,14 @@ class Stream:
             raise
         self._held = None
         self._started = True
-        return out
+        if not self._tally:
+            return out
+        # The graph emits the grid padding's frames too: cut to what the real steps are due.
+        self._fed += real
+        outs = [out] if self._single_out else [out[n] for n in self._out_names]
+        axes = [t.time_axis for t in self.model.contract.outputs]
+        return self._as_y(self._count(remainder.cut_due(outs, axes, self._ratios, self._emitted,
+                                                        self._fed)))
 
     @exclusive(STREAM)
     def read(self):
@@ -293,6 +334,7 @@ class Stream:
             raise StepInputError(f"run(): the data inputs have different time lengths {sorted(lengths)}")
         total = lengths.pop()
         saved, held, started = self._engine.get_state(), self._held, self._started
+        counts = self._fed, list(self._emitted)
         step = self._step_held if self._multiple > 1 or self._latency else self._step
         pieces: list[list] = [[] for _ in contract.outputs]
         try:
@@ -306,6 +348,7 @@ class Stream:
         except BaseException:
             self._engine.set_state(saved)
             self._held, self._started = held, started
+            self._fed, self._emitted = counts
             raise
         joined = [np.concatenate(piece, axis=t.time_axis) for piece, t in zip(pieces, contract.outputs)]
         return self._as_y(joined)
@@ -317,11 +360,14 @@ class Stream:
             self._engine.zero_rows(None)
             self._held = None
             self._started = False
+            self._fed, self._emitted = 0, [0] * len(self._out_names)
             return
-        if self._latency:
-            raise UsageError(f"reset(mask): this graph streams {self._latency} steps late "
-                             "(contract latency), counting a stream's first frames for all "
-                             "rows alike; call reset() for all rows")
+        if self._latency or self._offset:
+            what = (f"streams {self._latency} steps late (contract latency)" if self._latency
+                    else f"takes a first call of {self._offset} (mod {self._multiple}) steps "
+                         "(contract chunk_offset)")
+            raise UsageError(f"reset(mask): this graph {what}, counting a stream's first "
+                             "frames for all rows alike; call reset() for all rows")
         if self.held:
             raise UsageError(f"reset(mask): this stream holds {self.held} steps back for the "
                              "next call (chunk_multiple), for all rows alike; flush() first or "
