@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import StateSpec
 from rnnedge.errors import ParityError, UnsupportedModelError
-from rnnedge.exporters import delays, temporal, trace
+from rnnedge.exporters import delays, frontends, temporal, trace
 from rnnedge.exporters.conv_cache import Caches
 from rnnedge.exporters.inputs import Input, resize
 from rnnedge.exporters.stepping import PROTOCOL, StepState, call_step, split_step
@@ -311,21 +311,24 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
     for layer in called:
         for (i, o), shape in zip(layer.state_names(), layer.state_shapes()):
             specs.append(StateSpec(i, o, "float32", shape, layer.batch_axis()))
-    caches, multiple = None, 1
+    caches, multiple, fronts = None, 1, frontends.NONE
     if mode == "stream" and any("time" in i.axes for i in inputs):
-        # Convolutions/pooling along time stream with their input's last frames as a cache.
-        ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
-                                         probe_x)
-        # Skip connections around look-ahead ops: the less late path gets a delay line.
-        ops += delays.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x, ops)
-        if ops:
-            caches = Caches(model, ops)
-            specs += caches.specs()
+        # torch.stft / Tensor.unfold along time: redirected to the strided convs they are.
+        fronts = frontends.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x)
+        with fronts.redirected():
+            # Convolutions/pooling along time stream with their input's last frames as a cache.
+            ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
+                                             probe_x)
+            # Skip connections around look-ahead ops: the less late path gets a delay line.
+            ops += delays.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x, ops)
+            if ops:
+                caches = Caches(model, ops)
+                specs += caches.specs()
     wrapper = _LiftWrapper(model, ctx, len(inputs), caches, lambda x: delays.timed(inputs, x))
 
     @contextlib.contextmanager
     def installed(tracing: bool):
-        with ctx.installed(lift=True, tracing=tracing):
+        with ctx.installed(lift=True, tracing=tracing), fronts.redirected():
             with caches.installed() if caches is not None else contextlib.nullcontext():
                 yield
 
