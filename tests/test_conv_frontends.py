@@ -111,7 +111,7 @@ def exported(tmp_path_factory):
             cls, shape, min_length, _, _ = MODELS[name]
             torch.manual_seed(0)
             model = cls().eval()
-            before = (list(model.state_dict()), dict(vars(model)))
+            before = ([n for n, _ in model.named_modules()], dict(vars(model)))
             path = tmp_path_factory.mktemp(name) / "model.onnx"
             report = rnnedge.export(model, path, example_input=torch.randn(*shape),
                                     min_length=min_length)
@@ -141,7 +141,7 @@ def _signal(name: str, total: int, batch: int, seed: int) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_carries_the_front_end_cache_and_passes_the_gate(exported, name):
-    model, path, report, (keys, attrs) = exported(name)
+    model, path, report, (names, attrs) = exported(name)
     multiple, caches = MODELS[name][3], MODELS[name][4]
     meta = _metadata(path)
     states = {s["input"]: s for s in meta["states"]}
@@ -152,7 +152,7 @@ def test_export_carries_the_front_end_cache_and_passes_the_gate(exported, name):
     assert any(c.case.length >= 1000 for c in streamed)
     assert report.max_abs < 1e-4
     # The user's model is left as it was: no front-end module, no patched forward.
-    assert list(model.state_dict()) == keys and dict(vars(model)) == attrs
+    assert [n for n, _ in model.named_modules()] == names and dict(vars(model)) == attrs
 
 
 # Chunk patterns in samples: one hop of the stft-gru/unfold-lstm front-ends, a prime, longer
@@ -241,7 +241,30 @@ class ReflectUnfold(nn.Module):
         return self.gru(F.pad(x, (4, 0), mode="reflect").unfold(-1, 8, 4))[0]
 
 
+class Front(nn.Module):
+    """A causal stft front-end as one layer of an nn.Sequential: (B, T) -> (B, T // 4, 9)."""
+
+    def forward(self, x):
+        spec = torch.stft(F.pad(x, (12, 0)), 16, 4, window=torch.hann_window(16), center=False,
+                          return_complex=True)
+        return spec.abs().transpose(1, 2)
+
+
+class GRUOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(9, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(x)[0]
+
+
+def sequential_stft() -> nn.Module:
+    return nn.Sequential(Front(), GRUOut())
+
+
 @pytest.mark.parametrize("cls, words", [
+    (sequential_stft, ["Sequential", "torch.stft", "wrap it in a Module"]),
     (CentredReflect, ["torch.stft call 0", "center=True", "'reflect'", "pad_mode='constant'"]),
     (ReflectUnfold, ["Tensor.unfold call 0", "size 8, step 4", "reflect"]),
 ])

@@ -160,7 +160,11 @@ def _stft_kernel(args: dict) -> tuple[torch.Tensor, int, dict]:
     bins = n // 2 + 1 if onesided else n
     f = torch.arange(bins, dtype=torch.float64)[:, None]
     angle = 2 * math.pi * f * torch.arange(n, dtype=torch.float64)[None, :] / n
-    basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * full[None, :]
+    sin = -torch.sin(angle)
+    # DC and Nyquist have no imaginary part: exact zeros, as torch.stft gives (sin(pi*n)
+    # is ~1e-15, whose sign would flip a phase).
+    sin[(f.reshape(-1) == 0) | (2 * f.reshape(-1) == n)] = 0.0
+    basis = torch.cat([torch.cos(angle), sin]) * full[None, :]
     if args["normalized"]:
         basis = basis / math.sqrt(n)
     return basis, bins, {"hop": hop, "center": bool(args["center"]),
@@ -199,7 +203,7 @@ def find(model: nn.Module, call, inputs, probe_x) -> Frontends:
         record = _Record()
         with torch.no_grad(), record:
             call(x)
-        if not record.calls:
+        if not record.calls and not runs:
             return NONE  # nothing to redirect (the usual case): one probe run only
         runs.append(record)
     if [(c.kind, c.index) for c in runs[0].calls] != [(c.kind, c.index) for c in runs[1].calls]:
@@ -270,8 +274,14 @@ class Frontends:
         if not self.calls or self.depth:
             yield self
             return
-        self.depth += 1
         model = self.model
+        if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            # A container runs (or lists) every child: the attached conv would become a layer.
+            raise UnsupportedModelError(
+                f"the model is an {type(model).__name__} whose layers call torch.stft / "
+                "Tensor.unfold; rnnedge attaches each front-end's convolution to the model while "
+                "exporting, which the container would run as a layer: wrap it in a Module with "
+                "its own forward (def forward(self, x): return self.layers(x))")
         own = vars(model).get("forward")
         inner = own if own is not None else type(model).forward.__get__(model)
 
@@ -279,10 +289,13 @@ class Frontends:
             with _Redirect(self):
                 return inner(*args, **kwargs)
 
-        for path, m in self.modules.items():
-            model.add_module(path, m)
-        model.forward = forward
+        self.depth += 1
+        added = []  # only what was attached is taken off again (a name clash attaches less)
         try:
+            for path, m in self.modules.items():
+                model.add_module(path, m)
+                added.append(path)
+            model.forward = forward
             yield self
         except UnsupportedModelError as exc:
             named = self._named(exc)
@@ -294,7 +307,7 @@ class Frontends:
                 model.forward = own
             else:
                 vars(model).pop("forward", None)
-            for path in self.modules:
+            for path in added:
                 del model._modules[path]
             self.depth -= 1
 
