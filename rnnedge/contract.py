@@ -52,7 +52,10 @@ class TensorSpec:
     (batch, time, 29) output). time_ratio: for outputs, the steps of this tensor per step
     of the inputs: an int (2 for an output that upsamples time by 2; 1 otherwise), or
     (1, 4) — one step per 4 input steps — for an output downsampled by strides along time
-    (written as ``[1, 4]``).
+    (written as ``[1, 4]``). end_offset: for outputs of a stream graph both strided and
+    late, the frames a whole stream of N input steps has: floor(N * time_ratio +
+    end_offset) (an int or a reduced fraction, written ``[num, den]``); None (not written):
+    ceil(N * time_ratio).
     """
 
     name: str
@@ -62,6 +65,7 @@ class TensorSpec:
     constant: bool = False
     time_axis: int | None = None
     time_ratio: int | tuple[int, int] = 1
+    end_offset: int | tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.time_axis is None and "time" in self.shape:  # frozen: hence __setattr__
@@ -88,6 +92,9 @@ class TensorSpec:
         if self.time_ratio != 1:
             ratio = self.time_ratio
             out["time_ratio"] = list(ratio) if isinstance(ratio, tuple) else ratio
+        if self.end_offset is not None:
+            end = self.end_offset
+            out["end_offset"] = list(end) if isinstance(end, tuple) else end
         return out
 
 
@@ -295,7 +302,14 @@ def _tensor(raw, where: str, graph_axis: int | None = None) -> TensorSpec:
     elif not _is_int(ratio) or ratio < 1:
         raise _fail(f"{where}: time_ratio must be an int >= 1 or a reduced fraction "
                     f"[num, den] with den > 1, got {ratio!r}")
-    return TensorSpec(name, dtype, shape, span, constant, axis, ratio)
+    end = raw.get("end_offset")
+    if isinstance(end, list) and len(end) == 2 and all(_is_int(e) for e in end) \
+            and end[1] > 1 and math.gcd(*end) == 1:
+        end = (end[0], end[1])
+    elif end is not None and not _is_int(end):
+        raise _fail(f"{where}: end_offset must be an int or a reduced fraction [num, den] with "
+                    f"den > 1, got {end!r}")
+    return TensorSpec(name, dtype, shape, span, constant, axis, ratio, end)
 
 
 def _state(raw, where: str) -> StateSpec:

@@ -45,6 +45,18 @@ def test_time_ratio_round_trips(ratio, written):
     assert from_json(spec.to_json()).outputs[0].time_ratio == ratio
 
 
+@pytest.mark.parametrize("end, written", [(None, None), (-4, -4), (0, 0), ((1, 2), [1, 2]),
+                                          ((-3, 4), [-3, 4])])
+def test_end_offset_round_trips(end, written):
+    """An output's end (floor(N * time_ratio + end_offset) frames): written only when set."""
+    spec = SPEC.replace(outputs=(TensorSpec("output", "float32", ("batch", "time", 5),
+                                            time_ratio=(1, 2), end_offset=end),))
+    meta = json.loads(spec.to_json())
+    assert meta["outputs"][0].get("end_offset") == written
+    assert ("end_offset" in meta["outputs"][0]) == (end is not None)
+    assert from_json(spec.to_json()).outputs[0].end_offset == end
+
+
 @pytest.mark.parametrize("multiple, latency, offset, fmt", [
     (1, 0, 0, 1), (4, 0, 0, 2), (1, 3, 0, 2), (4, 2, 0, 2), (4, 5, 1, 2), (64, 84, 20, 2),
     (4, 0, 3, 2),
@@ -131,6 +143,10 @@ _DROP = object()
     (_set(["states", 0, "init"], "random"), "unknown init 'random'"),
     (_set(["states", 0, "dtype"], "complex64"), "dtype 'complex64'"),
     (_set(["parity"], [1]), "'parity' must be an object"),
+    (_set(["outputs", 0, "end_offset"], 1.5), "end_offset must be an int or a reduced fraction"),
+    (_set(["outputs", 0, "end_offset"], [2, 4]), "end_offset must be an int or a reduced fraction"),
+    (_set(["outputs", 0, "end_offset"], [1, 1]), "end_offset must be an int or a reduced fraction"),
+    (_set(["outputs", 0, "end_offset"], True), "end_offset must be an int or a reduced fraction"),
     (lambda meta: meta.update(chunk_multiple=4, chunk_offset=4, format=2),
      "'chunk_offset' must be below 'chunk_multiple' 4, got 4"),
     (lambda meta: meta.update(chunk_offset=1, format=2),

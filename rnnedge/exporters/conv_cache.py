@@ -47,11 +47,14 @@ graph such a call (the runtime holds a stream's first frames; the gate's probes 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - PyTorch's own alias
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from rnnedge.contract import FLUSH_STATE, FLUSH_STATE_OUT, StateSpec
 
@@ -86,8 +89,17 @@ class TemporalOp:
     shape: tuple
     multiple: int = 1
     delay: int = 0
-    up: int = 0
+    up: Fraction = Fraction(0)
     join: tuple | None = None
+    per_frame: Fraction = Fraction(1)
+    past: Fraction = Fraction(0)
+    pad_call: int | None = None
+    right: int = 0  # zero frames the model pads after the sequence (own padding + F.pad)
+
+    @property
+    def drop(self) -> int:
+        """Output frames of a stream's start that fall before the sequence (look-ahead)."""
+        return self.delay if self.kind == "delay" else self.delay // self.stride
 
     def state_names(self) -> tuple[str, str]:
         return f"{self.path}.cache0", f"{self.path}.cachen"
@@ -134,11 +146,15 @@ class Caches:
         self.flush = Slot() if any(op.delay for op in ops) else None
         self.ops = [Cached(op, modules.get(op.path) if op.kind != "delay" else None,
                            flush=self.flush) for op in ops]
+        self.unpad = Unpad({op.pad_call: op.axis for op in ops if op.pad_call is not None})
+        self.lag = Fraction(0)  # input frames the outputs come late by (``ends``)
+        self.crops: frozenset = frozenset()  # end crops left out while streaming (``delays``)
+        self.offset = 0  # a stream's first call: steps = offset (mod chunk multiple)
 
     @property
     def latency(self) -> int:
-        """Input frames the outputs come late by (0: every op causal)."""
-        return max((c.op.up + c.op.delay for c in self.ops if c.op.delay), default=0)
+        """Input frames the outputs come late by, whole (0: every op causal)."""
+        return math.ceil(self.lag)
 
     def specs(self) -> list[StateSpec]:
         """Per op its cache (and counter), then the flush state where any op looks ahead."""
@@ -147,14 +163,16 @@ class Caches:
 
     @contextlib.contextmanager
     def installed(self):
-        """Patch every op's forward with its streaming form meanwhile."""
+        """Patch every op's forward with its streaming form meanwhile, and take the model's
+        own zero padding along time off their inputs (their caches and the flush stand for it)."""
         patched = []
         try:
             for c in self.ops:
                 if c.module is not None:
                     c.module.forward = CacheCall(c)
                     patched.append(c)
-            yield self
+            with self.unpad:
+                yield self
         finally:
             for c in patched:
                 vars(c.module).pop("forward", None)
@@ -166,13 +184,15 @@ class Caches:
             return contextlib.nullcontext()
         from rnnedge.exporters.delays import Joins  # it builds on this module
 
-        late = {c.module: c.op.delay for c in self.ops if c.module is not None and c.op.delay}
+        late = {c.module: c.op.delay * c.op.per_frame for c in self.ops
+                if c.module is not None and c.op.delay}
         lines = {c.op.join: (c.op, c.slot) for c in self.ops if c.op.kind == "delay"}
-        return Joins(late, lines).around(inputs)
+        return Joins(late, lines, crops=self.crops).around(inputs)
 
     def begin(self, states) -> None:
         """Hand the initial states (flat, in ``specs`` order) to the slots."""
         states = list(states)
+        self.unpad.calls = 0
         if self.flush is not None:
             self.flush.init = states.pop()
         it = iter(states)
@@ -196,6 +216,31 @@ class Caches:
         return finals
 
 
+class Unpad(TorchFunctionMode):
+    """The model's ``F.pad`` calls that feed a temporal op (``fused``: {call index in one
+    forward: time axis}) without their padding along time: while streaming, the op's cache
+    stands for the frames before the sequence and a flush's zeros for those after (a pad
+    whose amount the model computes from the length, e.g. to a "valid length", included).
+    Calls are counted from ``Caches.begin``; their order is the same in every run."""
+
+    def __init__(self, fused: dict):
+        super().__init__()
+        self.fused, self.calls = fused, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.pad:
+            return func(*args, **kwargs)
+        k, self.calls = self.calls, self.calls + 1
+        if k not in self.fused:
+            return func(*args, **kwargs)
+        x = args[0]
+        pad = list(args[1] if len(args) > 1 else kwargs.pop("pad"))
+        j = 2 * (x.dim() - 1 - self.fused[k])
+        pad[j:j + 2] = [0, 0]
+        return func(x, pad, *args[2:], **kwargs) if any(pad) else x
+
+
 def _tail(x: Tensor, axis: int, n: int) -> Tensor:
     return x.narrow(axis, x.size(axis) - n, n)
 
@@ -216,14 +261,13 @@ class CacheCall:
     def __call__(self, x: Tensor) -> Tensor:
         op, slot = self.cached.op, self.cached.slot
         a = op.axis
-        if op.fused_left or op.fused_right:
-            x = x.narrow(a, op.fused_left, x.size(a) - op.fused_left - op.fused_right)
         slot.length = x.size(a)
-        if op.delay:
-            x = _zero_past_end(x, a, self.cached.flush.init, op.up)
+        flush = self.cached.flush
+        if flush is not None:  # a late graph: the frames past the stream's end become zeros
+            x = zero_past_end(x, a, flush.init, op)
         y = self._op(x)
-        if op.delay:
-            y, slot.seen_final = drop_before_start(y, a, slot.seen, op.delay)
+        if op.drop:
+            y, slot.seen_final = drop_before_start(y, a, slot.seen, op.drop)
         return y
 
     def _op(self, x: Tensor) -> Tensor:
@@ -255,11 +299,15 @@ def _count(x: Tensor, a: int) -> tuple[Tensor, Tensor]:
     return idx, torch.ones_like(idx).sum()
 
 
-def _zero_past_end(x: Tensor, a: int, flush: Tensor, up: int) -> Tensor:
-    """``x`` with its last ``flush - up`` frames (past the stream's end: beyond the frames
-    the ops before it emit by then) zeroed: the op's own right padding."""
+def zero_past_end(x: Tensor, a: int, flush: Tensor, op: TemporalOp) -> Tensor:
+    """``x`` with its frames past the stream's end zeroed: the zeros the model pads with.
+    flush: (batch, 1), the zero steps a flush call appended to the model's input (0 on other
+    calls); ``flush / op.per_frame - op.past`` of this op's input frames lie past the end
+    (``past``: measured on the model at lengths on the stream's grid, ``temporal.ends``)."""
     idx, n = _count(x, a)
-    past = (flush.reshape(-1)[0].round() - up).clamp(min=0)
+    f = flush.reshape(-1)[0]
+    past = ((f / float(op.per_frame) - float(op.past)).round().clamp(min=0)
+            * (f > 0).to(x.dtype))
     shape = [1] * x.dim()
     shape[a] = -1
     return x * (idx + past < n).to(x.dtype).reshape(shape)

@@ -25,11 +25,14 @@ a stream's first call, ``T`` after. States: ``delay<i>.cache0 -> .cachen`` and
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from rnnedge.errors import UnsupportedModelError
 from rnnedge.exporters import conv_cache
 from rnnedge.exporters.conv_cache import Slot, TemporalOp
 from rnnedge.exporters.inputs import resize
@@ -45,13 +48,18 @@ class Joins(TorchFunctionMode):
     apply while streaming, or None to record ``seen``: [(join, argument, k frames, shape)].
     """
 
-    def __init__(self, late: dict, lines: dict | None = None):
+    def __init__(self, late: dict, lines: dict | None = None, watch: dict | None = None,
+                 crops: frozenset = frozenset()):
         super().__init__()
         self.late, self.lines = late, lines
-        self.lag: dict[int, int] = {}
+        self.watch = watch or {}  # {module: path}: record the lag of its input in ``ups``
+        self.crops = crops  # slices along time to leave out while streaming (``end_crops``)
+        self.lag: dict[int, Fraction] = {}
         self.keep: list = []  # the tagged tensors, alive: no id is reused meanwhile
-        self.count = 0
+        self.count = self.slices = 0
         self.seen: list = []
+        self.ups: dict[str, Fraction] = {}
+        self.sliced: list = []  # per slice of a tagged tensor: (index, input shape, output shape)
 
     def _tag(self, t, lag: int) -> None:
         self.lag[id(t)] = lag
@@ -60,16 +68,28 @@ class Joins(TorchFunctionMode):
     @contextlib.contextmanager
     def around(self, inputs):
         """Meanwhile: ``inputs`` (the timed data inputs) lag by 0; hooks on the look-ahead ops."""
-        self.lag, self.keep, self.count = {}, [], 0
+        self.lag, self.keep, self.count, self.slices = {}, [], 0, 0
         for t in inputs:
-            self._tag(t, 0)
+            self._tag(t, Fraction(0))
 
-        def hook(module, args, out):
-            lag = self.lag.get(id(args[0])) if args else None
-            if lag is not None and isinstance(out, torch.Tensor):
-                self._tag(out, lag + self.late[module])
+        # Each hook holds its own value: while tracing, a hook may be handed another object
+        # for its module than the one it was registered on.
+        def late(delta):
+            def hook(_module, args, out):
+                lag = self.lag.get(id(args[0])) if args else None
+                if lag is not None and isinstance(out, torch.Tensor):
+                    self._tag(out, lag + delta)
+            return hook
 
-        hooks = [m.register_forward_hook(hook) for m in self.late]
+        def watch(path):
+            def pre(_module, args):
+                lag = self.lag.get(id(args[0])) if args else None
+                if lag is not None:
+                    self.ups[path] = lag
+            return pre
+
+        hooks = [m.register_forward_hook(late(d)) for m, d in self.late.items()]
+        hooks += [m.register_forward_pre_hook(watch(p)) for m, p in self.watch.items()]
         try:
             with self:
                 yield self
@@ -80,6 +100,16 @@ class Joins(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and id(args[0]) in self.lag:
+            k, self.slices = self.slices, self.slices + 1
+            if self.lines is not None and k in self.crops:
+                return args[0]  # an end crop: the stream's end comes with the flush
+            out = func(*args, **kwargs)
+            if self.lines is None:
+                self.sliced.append((k, args[1], tuple(args[0].shape), tuple(out.shape)))
+            if isinstance(out, torch.Tensor):
+                self._tag(out, self.lag[id(args[0])])
+            return out
         leaves, spec = pytree.tree_flatten((args, kwargs))
         lags = {k: self.lag[id(t)] for k, t in enumerate(leaves)
                 if isinstance(t, torch.Tensor) and id(t) in self.lag}
@@ -90,7 +120,7 @@ class Joins(TorchFunctionMode):
                 if lag == top:
                     continue
                 if self.lines is None:
-                    self.seen.append((join, k, top - lag, tuple(leaves[k].shape)))
+                    self.seen.append((join, k, top - lag, tuple(leaves[k].shape), lag))
                 elif (join, k) in self.lines:
                     leaves[k] = _delayed(leaves[k], *self.lines[(join, k)])
             args, kwargs = pytree.tree_unflatten(leaves, spec)
@@ -117,32 +147,77 @@ def timed(inputs, x) -> list:
     return [t for i, t in zip(inputs, x) if "time" in i.axes]
 
 
-def find(model, call, inputs, probe_x, ops: list[TemporalOp]) -> list[TemporalOp]:
-    """The delay lines ``model`` needs (none without look-ahead ops), in join order.
+@dataclass
+class Followed:
+    """What ``follow`` found of a late model: ``lines`` its delay lines (in join order),
+    ``ups`` {op path: the model input frames its input lags by}, ``outs`` each flat output
+    tensor's lag (None: not from a timed input), ``crops`` the slices along time (their
+    order among the slices of timed tensors) that only cut the sequence's end."""
 
-    call(x): runs the model's forward on inputs ``x``; ops: its temporal ops (``temporal``).
-    """
+    lines: list
+    ups: dict
+    outs: list
+    crops: frozenset
+
+
+def run_joins(model, call, inputs, x, ops, lines=None) -> tuple[Joins, list]:
+    """(the Joins after running ``call(x)`` with the lags followed, the outputs' lags)."""
     modules = dict(model.named_modules())
-    late = {modules[op.path]: op.delay for op in ops if op.delay}
-    if not late:
-        return []
+    late = {modules[op.path]: op.delay * op.per_frame for op in ops
+            if op.delay and op.kind != "delay"}
+    watch = {modules[op.path]: op.path for op in ops if op.kind != "delay"}
+    joins = Joins(late, lines, watch)
+    with torch.no_grad(), joins.around(timed(inputs, x)):
+        y = call(x)
+        lags = [joins.lag.get(id(t)) for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
+    return joins, lags
+
+
+def follow(model, call, inputs, probe_x, ops: list[TemporalOp]) -> Followed:
+    """The lags of a model with look-ahead ops, its delay lines and end crops, from runs at
+    the example's length and ``GROW`` longer. call(x): the model's forward on inputs x."""
     longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + GROW)
                    if "time" in i.axes else x for i, x in zip(inputs, probe_x))
-    runs = []
-    for x in (probe_x, longer):
-        joins = Joins(late)
-        with torch.no_grad(), joins.around(timed(inputs, x)):
-            call(x)
-        runs.append(joins.seen)
+    (j1, lags), (j2, _) = (run_joins(model, call, inputs, x, ops) for x in (probe_x, longer))
     found = []
-    for (join, k, frames, shape), (_, _, _, other) in zip(*runs):
+    for (join, k, frames, shape, lag), (_, _, _, other, _) in zip(j1.seen, j2.seen):
         moving = [a for a in range(1, len(shape)) if shape[a] != other[a]]
         if len(moving) != 1:
             continue  # no time axis (or not one): nothing to align
         a = moving[0]
-        cache = tuple("batch" if j == 0 else (frames if j == a else int(n))
-                      for j, n in enumerate(shape))
-        path = f"delay{len(found)}"
-        found.append(TemporalOp(path, "delay", a, frames + 1, 1, 0, 0, 0, frames, cache,
-                                delay=frames, join=(join, k)))
-    return found
+        rate = Fraction(other[a] - shape[a], GROW)  # its frames per model input frame
+        n = frames * rate
+        if n.denominator != 1:
+            raise UnsupportedModelError(
+                f"a skip connection or concatenation joins paths whose lags differ by {n} "
+                "frames (look-ahead ops at different strides), which no whole-frame delay "
+                "line aligns; pad the look-ahead ops causally, or export with mode='sequence'")
+        n = int(n)
+        cache = tuple("batch" if j == 0 else (n if j == a else int(d)) for j, d in enumerate(shape))
+        found.append(TemporalOp(f"delay{len(found)}", "delay", a, n + 1, 1, 0, 0, 0, n, cache,
+                                delay=n, join=(join, k), per_frame=1 / rate, up=lag))
+    crops = set()
+    for (k, index, shape, _), (_, _, other, _) in zip(j1.sliced, j2.sliced):
+        moving = [a for a in range(len(shape)) if shape[a] != other[a]]
+        if len(moving) == 1 and _end_crop(_entry(index, len(shape), moving[0])):
+            crops.add(k)
+    return Followed(found, dict(j1.ups), lags, frozenset(crops))
+
+
+def _entry(index, ndim: int, axis: int):
+    """The entry of a ``tensor[index]`` that applies to ``axis`` (slice(None): none)."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    used = sum(1 for e in entries if e is not None and e is not Ellipsis)
+    flat = []
+    for e in entries:
+        if e is Ellipsis:
+            flat += [slice(None)] * (ndim - used)
+        elif e is not None:
+            flat.append(e)
+    return flat[axis] if axis < len(flat) else slice(None)
+
+
+def _end_crop(entry) -> bool:
+    """Whether ``entry`` keeps the sequence's start and cuts only its end (x[..., :n])."""
+    return (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)
+            and entry.stop is not None)

@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from rnnedge.contract import StateSpec
-from rnnedge.errors import ParityError, UnsupportedModelError
-from rnnedge.exporters import delays, frontends, temporal, trace
+from rnnedge.errors import ParityError, RnnedgeError, UnsupportedModelError, first_line
+from rnnedge.exporters import delays, ends, frontends, temporal, trace
 from rnnedge.exporters.conv_cache import Caches
 from rnnedge.exporters.inputs import Input, resize
 from rnnedge.exporters.stepping import PROTOCOL, StepState, call_step, split_step
@@ -51,6 +51,8 @@ class Form:
     trace_ctx: Callable  # () -> context manager to trace under
     chunk_multiple: int = 1  # stream chunks hold a multiple of this many steps (strides)
     latency: int = 0  # input steps the streamed outputs come late by (look-ahead convs)
+    chunk_offset: int = 0  # a stream's first call: steps = this (mod chunk_multiple)
+    ends: list | None = None  # per data output (axis, rate, end offset) or None (``ends``)
 
 
 # ---------------------------------------------------------------------------
@@ -320,9 +322,16 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
             ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
                                              probe_x)
             # Skip connections around look-ahead ops: the less late path gets a delay line.
-            ops += delays.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x, ops)
+            # Look-ahead: delay lines where paths of different lags join, the first call's
+            # offset and each op's end (``ends``).
+            late = None
+            if any(op.delay for op in ops):
+                ops, *late = ends.plan(model, lambda x: probe_model(ctx, model, x), inputs,
+                                       probe_x, ops, multiple)
             if ops:
                 caches = Caches(model, ops)
+                if late:
+                    caches.crops, caches.lag, caches.offset = late
                 specs += caches.specs()
     wrapper = _LiftWrapper(model, ctx, len(inputs), caches, lambda x: delays.timed(inputs, x))
 
@@ -336,27 +345,29 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
         with torch.no_grad(), installed(False):
             return wrapper(*x, *states)
 
-    latency = 0
+    latency, offset, tails = 0, 0, None
     if caches is not None and caches.flush is not None:
         # Look-ahead convs stream late: the reference is a whole stream, i.e. one flush call.
         batch = next(int(x.shape[i.axes.index("batch")]) for i, x in zip(inputs, probe_x)
                      if "batch" in i.axes)
         zeros = [torch.zeros(s.shape_for(batch), dtype=torch.float32) for s in specs]
-        temporal.latencies(caches, lambda x: run(x, zeros)[: -len(specs)], inputs, probe_x)
-        latency = caches.latency
-        run = _flushed(run, inputs, latency)
-    return Form(wrapper, specs, run, lambda: installed(True), multiple, latency)
+        latency, offset = caches.latency, caches.offset
+        def model_outs(x):
+            out = pytree.tree_leaves(probe_model(ctx, model, x))
+            return [t for t in out if isinstance(t, torch.Tensor)]
 
-
-def _flushed(run: Callable, inputs: list[Input], latency: int) -> Callable:
-    """``run`` as one flush call: ``latency`` zero steps appended to every timed input and
-    the flush state (the last state) set to them, so the outputs are the model's own."""
-    def call(x, states):
-        x = tuple(x if "time" not in i.axes else
-                  torch.cat([x, torch.zeros_like(resize(x, i.axes.index("time"), latency))],
-                            dim=i.axes.index("time"))
-                  for i, x in zip(inputs, x))
-        states = [*states[:-1], torch.full_like(states[-1], float(latency))]
-        return run(x, states)
-
-    return call
+        try:
+            run, tails = ends.flushed(run, inputs, latency, multiple, offset, probe_x, zeros,
+                                      model_outs)
+            run(probe_x, zeros)
+        except RnnedgeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - shapes that no longer line up
+            names = ", ".join(f"{c.op.path!r} ({c.op.delay})" for c in caches.ops if c.op.delay)
+            raise UnsupportedModelError(
+                f"the model fails when streamed with its look-ahead ops {names} late by their "
+                f"look-ahead ({type(exc).__name__}: {first_line(exc, fallback='')}): a skip "
+                "connection or concatenation joins paths of different latencies where rnnedge "
+                "found no join to delay; pad those ops causally, or export with "
+                "mode='sequence'") from exc
+    return Form(wrapper, specs, run, lambda: installed(True), multiple, latency, offset, tails)

@@ -134,7 +134,8 @@ def check_lifted_equals_model(model, form: Form, sample, inputs, what: str,
             "self.training (nn.Dropout, or F.dropout(x, training=self.training))"
         )
     lifted = _run(form, _torch_inputs(data, inputs), batch, time, inputs)[: len(own)]
-    if len(lifted) != len(own) or not all(torch.allclose(a, b, atol=SELF_ATOL, rtol=SELF_RTOL) for a, b in zip(own, lifted)):
+    if len(lifted) != len(own) or not all(a.shape == b.shape and torch.allclose(
+            a, b, atol=SELF_ATOL, rtol=SELF_RTOL) for a, b in zip(own, lifted)):
         raise UnsupportedModelError(
             f"with zero initial states, {what} with its recurrent state carried differs from "
             "its own forward(): a recurrent layer does not start from zeros there (or forward "
@@ -170,11 +171,16 @@ def output_specs(form: Form, sample, inputs: list[Input], time_axis,
         if a.dim() != b.dim():
             raise UnsupportedModelError(f"output {name} changes rank with the input size")
         shape = []
+        tail = form.ends[len(specs)] if form.ends else None  # (axis, rate, end offset)
         for k, (da, db) in enumerate(zip(a.shape, b.shape)):
             if da == db:
                 shape.append(int(da))
             elif (da, db) == (b1, b2):
                 shape.append("batch")
+            elif tail is not None and k == tail[0]:
+                shape.append("time")  # a strided late stream's: frames = N * rate + offset
+                ratio = tail[1].numerator if tail[1].denominator == 1 else \
+                    (tail[1].numerator, tail[1].denominator)
             elif t1 is not None and (da, db) == (t1, t2):
                 shape.append("time")
             elif t1 is not None and form.chunk_multiple > 1 and da * t2 == db * t1:
@@ -192,8 +198,14 @@ def output_specs(form: Form, sample, inputs: list[Input], time_axis,
         if shape.count("time") > 1:  # (batch, time, time) attention maps: no one time axis
             shape = [f"{name}_{k}" if d == "time" else d for k, d in enumerate(shape)]
             ratio = 1
+        end = None
+        if tail is not None and "time" in shape:
+            # The output's end for a whole stream (``ends``), where ceil(N * ratio) is not it.
+            c, q = tail[2], tail[1].denominator
+            if c != Fraction(q - 1, q):
+                end = c.numerator if c.denominator == 1 else (c.numerator, c.denominator)
         specs.append(TensorSpec(name, str(a.dtype).replace("torch.", ""), tuple(shape),
-                                time_ratio=ratio))
+                                time_ratio=ratio, end_offset=end))
     return specs
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rnnedge.errors import UnsupportedModelError
-from rnnedge.exporters.conv_cache import Caches, TemporalOp
+from rnnedge.exporters.conv_cache import TemporalOp
 from rnnedge.exporters.inputs import resize
 
 CONVS = (nn.Conv1d, nn.Conv2d)
@@ -183,20 +183,24 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
             raise _refuse(path, m, f"is called {rec.calls} times per forward(), but rnnedge "
                                    "carries one cache per op: use one module per call")
         a = timed[0]
-        fl = fr = 0
+        fl = fr = fr2 = 0
         if rec.pad is not None:
             shape, pad, mode, value = pads1[rec.pad]
             fl, fr = _pad_at(pad, len(shape), a)
-            if other.pad is None or _pad_at(pads2[other.pad][1], len(shape), a) != (fl, fr):
+            fl2, fr2 = (None, None) if other.pad is None else \
+                _pad_at(pads2[other.pad][1], len(shape), a)
+            # Padding after the sequence may follow the length (a "valid length" pad): the
+            # stream pads its end on the grid of its strides (``ends``); before, it may not.
+            if fl2 != fl:
                 raise _refuse(path, m, "is fed an input padded along time by an amount that "
                                        "depends on the length (lengths-dependent arithmetic)")
-            if fl or fr:
+            if fl or fr or fr2:
                 if mode != "constant" or (value or 0) != 0:
                     raise _refuse(path, m, f"its input is padded along time with mode {mode!r} "
                                            f"value {value!r}; only zero padding streams")
                 fused.add(rec.pad)
         n1 = rec.shape[a] - fl - fr
-        n2 = other.shape[a] - fl - fr
+        n2 = other.shape[a] - fl - fr2
         op = _op(path, m, a, rec.out if isinstance(m, TRANSPOSED) else rec.shape, fl, fr)
         if op is None:
             continue  # kernel 1 and stride 1 along time: per frame
@@ -205,60 +209,26 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
         # conv's output is s frames per input frame, whatever the count).
         need = per_frame if op.kind == "transposed" else per_frame * op.stride
         multiple = math.lcm(multiple, need.numerator)
-        ops.append(TemporalOp(**{**op.__dict__, "multiple": need.numerator}))
+        ops.append(dataclasses.replace(op, multiple=need.numerator, per_frame=per_frame,
+                                       pad_call=rec.pad if rec.pad in fused else None))
     order = {path: k for k, (path, _) in enumerate(model.named_modules())}
     ops.sort(key=lambda op: order[op.path])
-    late = next((op for op in ops if op.delay), None)
-    if late is not None and (multiple > 1 or any(op.stride > 1 or op.kind == "transposed" for op in ops)):
-        raise _refuse(late.path, modules[late.path],
-                      f"looks {late.delay} frame(s) ahead (streamed as latency) in a model with "
-                      "strided or transposed ops along time; this version streams look-ahead in "
-                      "stride-1 stacks only: pad it causally, or export with mode='sequence'")
     return ops, multiple
 
 
-def latencies(caches: Caches, run, inputs, probe_x) -> list[int | None]:
-    """Set each look-ahead op's ``up`` (the input frames the ops before it delay its input
-    by) and return each flat data output's time axis (None: none), from streamed runs.
-
-    run(x): the model's streamed form (caches installed, zero states) on inputs ``x``;
-    returns its flat data outputs. Refuses a model whose outputs lag by different amounts
-    or that joins paths of different latencies where no delay line aligns them (a join the
-    ``delays`` mode does not see).
-    """
-    late = [c for c in caches.ops if c.op.delay]
-    longest = sum(c.op.delay for c in late) + GROW
-    lengths = [x.shape[i.axes.index("time")] + longest if "time" in i.axes else None
-               for i, x in zip(inputs, probe_x)]
-    total = next(t for t in lengths if t is not None)
-    outs = []
-    for extra in (0, 8):
-        x = tuple(x if t is None else resize(x, i.axes.index("time"), t + extra)
-                  for i, x, t in zip(inputs, probe_x, lengths))
-        try:
-            with torch.no_grad():
-                outs.append(run(x))
-        except Exception as exc:  # noqa: BLE001 - shapes that no longer line up
-            names = ", ".join(f"{c.op.path!r} ({c.op.delay})" for c in late)
-            raise UnsupportedModelError(
-                f"the model fails when streamed with its look-ahead ops {names} late by their "
-                f"look-ahead ({type(exc).__name__}): a skip connection or concatenation joins "
-                "paths of different latencies where rnnedge found no join to delay; pad those "
-                "ops causally, or export with mode='sequence'") from exc
-        if extra == 0:
-            for c in late:
-                c.op = dataclasses.replace(c.op, up=total - c.slot.length)
-    axes = []
-    for a, b in zip(*outs):
-        moving = [k for k in range(a.dim()) if a.shape[k] != b.shape[k]]
-        axes.append(moving[0] if moving else None)
-    lags = {total - a.shape[k] for a, k in zip(outs[0], axes) if k is not None}
-    if lags != {caches.latency}:
-        raise UnsupportedModelError(
-            f"the model's outputs come late by {sorted(lags)} frames when streamed, not by the "
-            f"latency of its look-ahead ops ({caches.latency}); pad them causally, or export with "
-            "mode='sequence'")
-    return axes
+def frames_in(model: nn.Module, call, x) -> dict:
+    """{module path: the shape of its input without the model's own F.pad before it} of
+    the watched modules, from one run of ``call(x)``."""
+    seen, pads = _run(call, model, x)
+    out = {}
+    for path, rec in seen.items():
+        shape = list(rec.shape)
+        if rec.pad is not None:
+            padded, pad = pads.calls[rec.pad][:2]
+            for a in range(len(shape)):
+                shape[a] -= sum(_pad_at(pad, len(padded), a))
+        out[path] = tuple(shape)
+    return out
 
 
 def _op(path: str, m: nn.Module, a: int, shape: tuple, fl: int, fr: int) -> TemporalOp | None:
@@ -310,24 +280,12 @@ def _op(path: str, m: nn.Module, a: int, shape: tuple, fl: int, fr: int) -> Temp
         if c < left:
             raise _refuse(path, m, f"pads {left} frame(s) before the sequence, more than its "
                                    f"kernel reach {span} needs")
-        delay = 0
-        if c > left:  # it emits (c - left) / s frames before the sequence starts: latency
-            delay = c - left
-            if s != 1:
-                raise _refuse(path, m, f"looks {delay} frame(s) ahead of each output at stride {s}; "
-                                       "this version streams look-ahead (as latency) at stride 1 "
-                                       "only: pad it causally (dilation*(kernel-1) frames before "
-                                       "the sequence, none after)")
-            if right != delay:
-                raise _refuse(path, m, f"looks {delay} frame(s) ahead of each output but pads "
-                                       f"{right} after the sequence; look-ahead streams as latency "
-                                       "where the op keeps the length ('same' padding: as many "
-                                       "frames after as it looks ahead)")
-        # Right padding adds (left + right - span) // s + 1 frames at the sequence's end that
-        # a stream never emits: fine where the model crops them (y[..., :T]); else the gate
-        # finds the streamed output short and refuses the graph.
+        # It emits (c - left) / s frames before the sequence starts (dropped: latency);
+        # the frames its right padding adds at the end come from a flush (``ends``).
+        delay = c - left
         kind = "conv" if isinstance(m, CONVS) else "pool"
         return TemporalOp(path, kind, a, span, s, left, fl, fr, c,
-                          tuple(c if n is None else n for n in cache_shape), delay=delay)
+                          tuple(c if n is None else n for n in cache_shape), delay=delay,
+                          right=right)
     cache_shape = tuple(c if n is None else n for n in cache_shape)
     return TemporalOp(path, kind, a, span, s, left, fl, fr, c, cache_shape)

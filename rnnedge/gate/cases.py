@@ -28,6 +28,7 @@ import numpy as np
 from rnnedge.contract import FLUSH_STATE, ExportSpec
 from rnnedge.gate.lengths import LONG_CHUNKS, SHORT_CHUNKS, LengthRange
 from rnnedge.gate.plan import Plan
+from rnnedge.runtime import remainder
 
 BATCHES = (1, 3)
 #: Step graphs: (batch, steps, random initial state).
@@ -116,23 +117,52 @@ def initial_states(spec: ExportSpec, rng, batch: int, random: bool) -> dict:
     return states
 
 
-def flush_inputs(spec: ExportSpec, arrays: dict) -> dict:
-    """``arrays`` (a stream's last frames, maybe none) with ``spec.latency`` zero steps
-    appended along each timed data input's own axis: the inputs of a flush call."""
+def flush_inputs(spec: ExportSpec, arrays: dict, steps: int | None = None) -> dict:
+    """``arrays`` (a stream's last frames, maybe none) with ``steps`` (default
+    ``spec.latency``) zero steps appended along each timed data input's own axis: the
+    inputs of a flush call."""
     axes = {t.name: t.time_axis for t in spec.inputs if t.time_axis is not None}
     out = {}
     for k, v in arrays.items():
         if k in axes:
             width = [(0, 0)] * v.ndim
-            width[axes[k]] = (0, spec.latency)
+            width[axes[k]] = (0, spec.latency if steps is None else steps)
             v = np.pad(v, width)
         out[k] = v
     return out
 
 
 def flush_state(spec: ExportSpec, states: dict) -> dict:
-    """``states`` with the flush state set to ``spec.latency`` (a flush call)."""
-    return {**states, FLUSH_STATE: np.full_like(states[FLUSH_STATE], spec.latency)}
+    """``states`` with the flush state set to the zero steps a flush call appends past the
+    stream's end (``spec.latency``, rounded up to ``chunk_multiple``)."""
+    past = remainder.past_end(spec.latency, spec.chunk_multiple)
+    return {**states, FLUSH_STATE: np.full_like(states[FLUSH_STATE], past)}
+
+
+def on_grid(spec: ExportSpec) -> bool:
+    """Whether a stream graph is both strided and late: its calls follow the runtime's grid."""
+    return spec.chunk_multiple > 1 and bool(spec.latency or spec.chunk_offset)
+
+
+def grid_spans(spans: list, total: int, spec: ExportSpec) -> tuple[list, tuple, int]:
+    """(the spans fed as ordinary calls, the span fed with the flush call, the zero steps
+    appended to it) for a graph ``on_grid``, cut from the chunks ``spans`` as
+    ``Stream.step``/``flush`` cut them: a first call of T1 = chunk_offset (mod
+    chunk_multiple) steps, T1 > latency, then multiples, the rest padded to the grid."""
+    m, a, latency = spec.chunk_multiple, spec.chunk_offset, spec.latency
+    calls, start, started = [], 0, False
+    for _, stop in spans:
+        avail = stop - start
+        if not started:
+            if avail < remainder.first_length(m, a, latency):
+                continue
+            n, started = avail - (avail - a) % m, True
+        else:
+            n = avail - avail % m
+        if n:
+            calls.append((start, start + n))
+            start += n
+    return calls, (start, total), remainder.flush_steps(total - start, started, m, a, latency)
 
 
 def latency_spans(spans: list, latency: int) -> tuple[list, tuple | None]:
@@ -244,20 +274,27 @@ def case_arrays(plan: Plan, graph: GraphCall, eager, rng, case: Case, referee=No
         return CaseRun(got_outs, got_states, want_outs, want_states, ref_outs, ref_states)
     got_states, pieces = states0, []
     spans, last = chunk_spans(case.length, case.chunks or (case.length,), case.least), None
-    if spec.latency:  # eager is the whole stream: the graph's ends with a flush call
+    pad = None
+    if on_grid(spec):  # as the runtime feeds it: a first call off the grid, then multiples
+        spans, last, pad = grid_spans(spans, case.length, spec)
+    elif spec.latency:  # eager is the whole stream: the graph's ends with a flush call
         spans, last = latency_spans(spans, spec.latency)
         last = last or (case.length, case.length)
     for start, stop in spans:
         piece, got_states = graph(slice_time(inputs, start, stop, spec), got_states)
         pieces.append(piece)
     if last is not None:
-        piece, got_states = graph(flush_inputs(spec, slice_time(inputs, *last, spec)),
+        piece, got_states = graph(flush_inputs(spec, slice_time(inputs, *last, spec), pad),
                                   flush_state(spec, got_states))
         pieces.append(piece)
     got_outs = {}
     for t in spec.outputs:
         if t.time_axis is not None:  # each output along its own time axis
             got_outs[t.name] = np.concatenate([p[t.name] for p in pieces], axis=t.time_axis)
+            if pad is not None or t.end_offset is not None:  # frames past the model's end
+                got_outs[t.name] = remainder.cut_due([got_outs[t.name]], [t.time_axis],
+                                                     [t.time_ratio], [0], case.length,
+                                                     [t.end_offset])[0]
         else:
             # No time axis (e.g. a classifier reading the last step): each chunk's value
             # stands for the sequence so far, so the last chunk's must equal the whole's.

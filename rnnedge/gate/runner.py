@@ -241,8 +241,12 @@ def run_gate(plan: Plan, model_bytes: bytes | str | os.PathLike, policy: Policy,
     try:
         # More steps than the latency: a look-ahead graph emits nothing on a shorter first
         # call, and onnxruntime's CPU GRU/LSTM abort the process on 0 steps.
-        nan = nan_propagates(plan, model_bytes, providers, session=graph.session,
-                             steps=max(span.low, STEPS, plan.spec.latency + 1))
+        spec = plan.spec
+        steps = max(span.low, STEPS, spec.latency + 1)
+        if spec.chunk_multiple > 1 and (spec.latency or spec.chunk_offset):
+            # A strided late graph's first call: chunk_offset (mod chunk_multiple) steps.
+            steps += (spec.chunk_offset - steps) % spec.chunk_multiple
+        nan = nan_propagates(plan, model_bytes, providers, session=graph.session, steps=steps)
     except Exception:  # noqa: BLE001 - a graph that cannot take the probe: not known
         nan = None
     return GateResult(policy, tuple(results), names, nan,

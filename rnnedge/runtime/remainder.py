@@ -84,11 +84,15 @@ def flush_steps(real: int, started: bool, multiple: int, offset: int, latency: i
     return grid + past_end(latency, multiple)
 
 
-def frames_due(steps: int, ratio) -> int:
+def frames_due(steps: int, ratio, offset=None) -> int:
     """The frames an output of ``time_ratio`` ``ratio`` (int, or (num, den)) has for a
-    whole input of ``steps`` steps: ceil(steps * ratio)."""
+    whole input of ``steps`` steps: ceil(steps * ratio), or with the contract's
+    ``end_offset`` (int, or (num, den)) floor(steps * ratio + end_offset)."""
     num, den = ratio if isinstance(ratio, tuple) else (ratio, 1)
-    return -(-steps * num // den)
+    if offset is None:
+        return -(-steps * num // den)
+    onum, oden = offset if isinstance(offset, tuple) else (offset, 1)
+    return (steps * num * oden + onum * den) // (den * oden)
 
 
 def frames(value, axis: int) -> int:
@@ -97,13 +101,15 @@ def frames(value, axis: int) -> int:
     return (shape() if callable(shape) else shape)[axis]
 
 
-def cut_due(values: list, axes: list, ratios: list, emitted: list, steps: int) -> list:
+def cut_due(values: list, axes: list, ratios: list, emitted: list, steps: int,
+            offsets: list | None = None) -> list:
     """A flush call's outputs, each cut along its time axis (None: as is) so that with the
     ``emitted`` frames before it the stream's add up to at most ``frames_due(steps,
-    ratio)``; an output with fewer is kept as it is (never padded)."""
+    ratio, offset)``; an output with fewer is kept as it is (never padded)."""
     out = []
-    for value, axis, ratio, done in zip(values, axes, ratios, emitted):
-        keep = max(0, frames_due(steps, ratio) - done)
+    offsets = offsets or [None] * len(values)
+    for value, axis, ratio, done, offset in zip(values, axes, ratios, emitted, offsets):
+        keep = max(0, frames_due(steps, ratio, offset) - done)
         if axis is not None and value.shape[axis] > keep:
             value = _take(value, axis, 0, keep).copy()
         out.append(value)

@@ -60,8 +60,10 @@ class Stream:
         self._offset = spec.chunk_offset if spec is not None else 0
         # Strided graphs with either: the flush call pads to the grid, and its outputs are cut
         # so the stream's add up to ceil(real steps * time_ratio): counted per stream.
-        self._tally = self._multiple > 1 and bool(self._latency or self._offset)
+        self._tally = (self._multiple > 1 and bool(self._latency or self._offset)) or \
+            (spec is not None and any(t.end_offset is not None for t in spec.outputs))
         self._ratios = [t.time_ratio for t in spec.outputs] if self._tally else []
+        self._ends = [t.end_offset for t in spec.outputs] if self._tally else []
         self._fed, self._emitted = 0, [0] * len(self._out_names)
         self._started = False
         self._held = None
@@ -166,7 +168,7 @@ class Stream:
     def _started(self, value: bool) -> None:
         # step() reads one plain attribute per call, not this predicate: the hot path.
         self._started_flag = value
-        self._holding = self._multiple > 1 or (self._latency > 0 and not value)
+        self._holding = self._multiple > 1 or (self._latency > 0 and (self._tally or not value))
 
     def _step_held(self, x, read: bool):
         """``_step`` for graphs whose chunks are multiples of ``chunk_multiple`` steps: feeds
@@ -176,7 +178,13 @@ class Stream:
         (mod chunk_multiple) over latency, the later ones multiples."""
         multiple, first = self._multiple, not self._started
         if multiple == 1 and not first:  # a look-ahead graph after its first call
-            return self._step(x, read)
+            out = self._step(x, read)
+            if self._tally:  # outputs with an end_offset: the flush cuts to what is due
+                steps = [a.shape[t.time_axis] for t, a in zip(self._data, as_list(
+                    self._data, x, "step()")) if t.time_axis is not None]
+                self._fed += steps[0]
+                self._count(self._readable.out_bufs)
+            return out
         arrays = [check(t, a, self.batch, "step()") for t, a in
                   zip(self._data, as_list(self._data, x, "step()"))]
         axes = [t.time_axis for t in self._data]
@@ -288,7 +296,7 @@ class Stream:
         outs = [out] if self._single_out else [out[n] for n in self._out_names]
         axes = [t.time_axis for t in self.model.contract.outputs]
         return self._as_y(self._count(remainder.cut_due(outs, axes, self._ratios, self._emitted,
-                                                        self._fed)))
+                                                        self._fed, self._ends)))
 
     @exclusive(STREAM)
     def read(self):
