@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from rnnedge.contract import FLUSH_STATE, FLUSH_STATE_OUT, StateSpec
 
-KINDS = ("conv", "pool", "transposed", "delay")
+KINDS = ("conv", "pool", "transposed", "delay", "crop")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,8 @@ class TemporalOp:
     def specs(self) -> list[StateSpec]:
         """Its cache, then for a look-ahead op its counter of frames seen."""
         seen = [StateSpec(f"{self.path}.seen0", f"{self.path}.seenn", "float32", ("batch", 1), 0)]
+        if self.kind == "crop":  # a start crop (``x[..., k:]``) keeps no frames, only counts
+            return seen
         return [self.spec()] + (seen if self.delay else [])
 
 
@@ -141,14 +143,18 @@ class Cached:
 class Caches:
     """The streamed temporal ops of one export; their caches in ``ops`` order."""
 
-    def __init__(self, model: nn.Module, ops: list[TemporalOp]):
+    def __init__(self, model: nn.Module, ops: list[TemporalOp], loose: dict | None = None):
         modules = dict(model.named_modules())
         self.flush = Slot() if any(op.delay for op in ops) else None
-        self.ops = [Cached(op, modules.get(op.path) if op.kind != "delay" else None,
+        self.ops = [Cached(op, modules.get(op.path) if op.kind not in ("delay", "crop") else None,
                            flush=self.flush) for op in ops]
-        self.unpad = Unpad({op.pad_call: op.axis for op in ops if op.pad_call is not None})
+        # Pads that feed an op, and zero padding after the sequence elsewhere (``loose``:
+        # {F.pad call: time axis}; a flush's zeros stand for it).
+        self.unpad = Unpad({**(loose or {}),
+                            **{op.pad_call: op.axis for op in ops if op.pad_call is not None}})
         self.lag = Fraction(0)  # input frames the outputs come late by (``ends``)
         self.crops: frozenset = frozenset()  # end crops left out while streaming (``delays``)
+        self.sized: dict = {}  # reshapes given a time length: -1 while streaming (``delays``)
         self.offset = 0  # a stream's first call: steps = offset (mod chunk multiple)
 
     @property
@@ -186,8 +192,8 @@ class Caches:
 
         late = {c.module: c.op.delay * c.op.per_frame for c in self.ops
                 if c.module is not None and c.op.delay}
-        lines = {c.op.join: (c.op, c.slot) for c in self.ops if c.op.kind == "delay"}
-        return Joins(late, lines, crops=self.crops).around(inputs)
+        lines = {c.op.join: (c.op, c.slot) for c in self.ops if c.op.kind in ("delay", "crop")}
+        return Joins(late, lines, crops=self.crops, sized=self.sized).around(inputs)
 
     def begin(self, states) -> None:
         """Hand the initial states (flat, in ``specs`` order) to the slots."""
@@ -197,7 +203,8 @@ class Caches:
             self.flush.init = states.pop()
         it = iter(states)
         for c in self.ops:
-            c.slot = Slot(init=next(it), seen=next(it) if c.op.delay else None)
+            crop = c.op.kind == "crop"
+            c.slot = Slot(init=None if crop else next(it), seen=next(it) if c.op.delay else None)
         if next(it, None) is not None:
             raise RuntimeError("more cache states than ops")  # a bug
 
@@ -205,9 +212,10 @@ class Caches:
         """The final caches, flat; every op must have run once this call."""
         finals = []
         for c in self.ops:
-            if c.slot.final is None:
+            if (c.slot.seen_final if c.op.kind == "crop" else c.slot.final) is None:
                 raise RuntimeError(f"temporal op {c.op.path!r} was not called")  # analysed: a bug
-            finals.append(c.slot.final)
+            if c.op.kind != "crop":
+                finals.append(c.slot.final)
             if c.op.delay:
                 finals.append(c.slot.seen_final)
             c.slot = Slot(length=c.slot.length)

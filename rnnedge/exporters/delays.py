@@ -25,6 +25,7 @@ a stream's first call, ``T`` after. States: ``delay<i>.cache0 -> .cachen`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -33,12 +34,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from rnnedge.errors import UnsupportedModelError
-from rnnedge.exporters import conv_cache
+from rnnedge.exporters import conv_cache, temporal
 from rnnedge.exporters.conv_cache import Slot, TemporalOp
 from rnnedge.exporters.inputs import resize
 
-#: How much longer the second probe run is (as ``temporal.GROW``).
-GROW = 64
+RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
 
 
 class Joins(TorchFunctionMode):
@@ -49,9 +49,14 @@ class Joins(TorchFunctionMode):
     """
 
     def __init__(self, late: dict, lines: dict | None = None, watch: dict | None = None,
-                 crops: frozenset = frozenset()):
+                 crops: frozenset = frozenset(), cuts: dict | None = None,
+                 sized: dict | None = None):
         super().__init__()
         self.late, self.lines = late, lines
+        self.sized = sized or {}  # {reshape: entry given as the time length}: -1 while streaming
+        self.reshapes = 0
+        self.shaped: list = []  # per reshape of a tagged tensor: (index, the sizes asked for)
+        self.cuts = cuts or {}  # {slice: lag it adds}: start crops (``x[..., k:]``)
         self.watch = watch or {}  # {module: path}: record the lag of its input in ``ups``
         self.crops = crops  # slices along time to leave out while streaming (``end_crops``)
         self.lag: dict[int, Fraction] = {}
@@ -68,7 +73,7 @@ class Joins(TorchFunctionMode):
     @contextlib.contextmanager
     def around(self, inputs):
         """Meanwhile: ``inputs`` (the timed data inputs) lag by 0; hooks on the look-ahead ops."""
-        self.lag, self.keep, self.count, self.slices = {}, [], 0, 0
+        self.lag, self.keep, self.count, self.slices, self.reshapes = {}, [], 0, 0, 0
         for t in inputs:
             self._tag(t, Fraction(0))
 
@@ -100,15 +105,34 @@ class Joins(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in RESHAPES and args and id(args[0]) in self.lag:
+            k, self.reshapes = self.reshapes, self.reshapes + 1
+            sizes = list(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) \
+                else list(args[1:])
+            if self.lines is None:
+                self.shaped.append((k, tuple(int(n) for n in sizes)))
+            elif k in self.sized:
+                # A length taken from another tensor (x.view(*other, time) after a conv that
+                # streams late): the chunk's own length while streaming.
+                sizes[self.sized[k]] = -1
+                args = (args[0], tuple(sizes))
         if func is torch.Tensor.__getitem__ and id(args[0]) in self.lag:
             k, self.slices = self.slices, self.slices + 1
             if self.lines is not None and k in self.crops:
                 return args[0]  # an end crop: the stream's end comes with the flush
+            line = self.lines.get(("crop", k)) if self.lines is not None else None
+            if line is not None:  # a start crop: the stream's first frames only
+                op, slot = line
+                out, slot.seen_final = conv_cache.drop_before_start(args[0], op.axis, slot.seen,
+                                                                    op.delay)
+                self._tag(out, self.lag[id(args[0])] + op.delay * op.per_frame)
+                return out
             out = func(*args, **kwargs)
             if self.lines is None:
-                self.sliced.append((k, args[1], tuple(args[0].shape), tuple(out.shape)))
+                self.sliced.append((k, args[1], tuple(args[0].shape), tuple(out.shape),
+                                    self.lag[id(args[0])]))
             if isinstance(out, torch.Tensor):
-                self._tag(out, self.lag[id(args[0])])
+                self._tag(out, self.lag[id(args[0])] + self.cuts.get(k, 0))
             return out
         leaves, spec = pytree.tree_flatten((args, kwargs))
         lags = {k: self.lag[id(t)] for k, t in enumerate(leaves)
@@ -158,15 +182,19 @@ class Followed:
     ups: dict
     outs: list
     crops: frozenset
+    sized: dict  # {reshape: the entry that is a time length} (``Joins.sized``)
 
 
-def run_joins(model, call, inputs, x, ops, lines=None) -> tuple[Joins, list]:
-    """(the Joins after running ``call(x)`` with the lags followed, the outputs' lags)."""
+def run_joins(model, call, inputs, x, ops, cuts=None) -> tuple[Joins, list]:
+    """(the Joins after running ``call(x)`` with the lags followed, the outputs' lags);
+    cuts: {slice: lag} of the start crops (``follow``)."""
     modules = dict(model.named_modules())
-    late = {modules[op.path]: op.delay * op.per_frame for op in ops
-            if op.delay and op.kind != "delay"}
-    watch = {modules[op.path]: op.path for op in ops if op.kind != "delay"}
-    joins = Joins(late, lines, watch)
+    moduled = [op for op in ops if op.kind not in ("delay", "crop")]
+    late = {modules[op.path]: op.delay * op.per_frame for op in moduled if op.delay}
+    watch = {modules[op.path]: op.path for op in moduled}
+    if cuts is None:
+        cuts = {op.join[1]: op.delay * op.per_frame for op in ops if op.kind == "crop"}
+    joins = Joins(late, None, watch, cuts=cuts)
     with torch.no_grad(), joins.around(timed(inputs, x)):
         y = call(x)
         lags = [joins.lag.get(id(t)) for t in pytree.tree_leaves(y) if isinstance(t, torch.Tensor)]
@@ -175,17 +203,25 @@ def run_joins(model, call, inputs, x, ops, lines=None) -> tuple[Joins, list]:
 
 def follow(model, call, inputs, probe_x, ops: list[TemporalOp]) -> Followed:
     """The lags of a model with look-ahead ops, its delay lines and end crops, from runs at
-    the example's length and ``GROW`` longer. call(x): the model's forward on inputs x."""
-    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + GROW)
+    the example's length and ``temporal.growth`` longer. call(x): the model's forward on
+    inputs x."""
+    grow = temporal.growth(model)
+    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + grow)
                    if "time" in i.axes else x for i, x in zip(inputs, probe_x))
-    (j1, lags), (j2, _) = (run_joins(model, call, inputs, x, ops) for x in (probe_x, longer))
+    runs = [run_joins(model, call, inputs, x, ops, {}) for x in (probe_x, longer)]
+    starts, cuts = _start_crops(runs[0][0].sliced, runs[1][0].sliced, grow)
+    if starts:  # again, with the lag each start crop adds
+        runs = [run_joins(model, call, inputs, x, ops, cuts) for x in (probe_x, longer)]
+        lag_in = {rec[0]: rec[4] for rec in runs[0][0].sliced}
+        starts = [dataclasses.replace(op, up=lag_in[op.join[1]]) for op in starts]
+    (j1, lags), (j2, _) = runs
     found = []
     for (join, k, frames, shape, lag), (_, _, _, other, _) in zip(j1.seen, j2.seen):
         moving = [a for a in range(1, len(shape)) if shape[a] != other[a]]
         if len(moving) != 1:
             continue  # no time axis (or not one): nothing to align
         a = moving[0]
-        rate = Fraction(other[a] - shape[a], GROW)  # its frames per model input frame
+        rate = Fraction(other[a] - shape[a], grow)  # its frames per model input frame
         n = frames * rate
         if n.denominator != 1:
             raise UnsupportedModelError(
@@ -197,11 +233,36 @@ def follow(model, call, inputs, probe_x, ops: list[TemporalOp]) -> Followed:
         found.append(TemporalOp(f"delay{len(found)}", "delay", a, n + 1, 1, 0, 0, 0, n, cache,
                                 delay=n, join=(join, k), per_frame=1 / rate, up=lag))
     crops = set()
-    for (k, index, shape, _), (_, _, other, _) in zip(j1.sliced, j2.sliced):
+    for (k, index, shape, _, _), (_, _, other, _, _) in zip(j1.sliced, j2.sliced):
         moving = [a for a in range(len(shape)) if shape[a] != other[a]]
         if len(moving) == 1 and _end_crop(_entry(index, len(shape), moving[0])):
             crops.add(k)
-    return Followed(found, dict(j1.ups), lags, frozenset(crops))
+    sized = {}
+    for (k, sizes), (_, other) in zip(j1.shaped, j2.shaped):
+        moving = [d for d in range(len(sizes)) if sizes[d] != other[d]]
+        if len(moving) == 1 and -1 not in sizes and len(sizes) == len(other):
+            sized[k] = moving[0]
+    return Followed(starts + found, dict(j1.ups), lags, frozenset(crops), sized)
+
+
+def _start_crops(sliced1: list, sliced2: list, grow: int) -> tuple[list, dict]:
+    """(a TemporalOp of kind "crop" per slice that cuts a stream's first frames along time,
+    ``x[..., k:]``, {slice: the lag it adds}) from the slices seen at two lengths."""
+    found, cuts = [], {}
+    for (k, index, shape, _out, _), (_, _, other, _, _) in zip(sliced1, sliced2):
+        moving = [a for a in range(len(shape)) if shape[a] != other[a]]
+        if len(moving) != 1:
+            continue
+        a = moving[0]
+        entry = _entry(index, len(shape), a)
+        if not (isinstance(entry, slice) and entry.stop is None and entry.step in (None, 1)
+                and isinstance(entry.start, int) and entry.start > 0):
+            continue
+        rate = Fraction(other[a] - shape[a], grow)
+        found.append(TemporalOp(f"crop{len(found)}", "crop", a, 1, 1, 0, 0, 0, 0, ("batch", 1),
+                                delay=entry.start, join=("crop", k), per_frame=1 / rate))
+        cuts[k] = entry.start / rate
+    return found, cuts
 
 
 def _entry(index, ndim: int, axis: int):

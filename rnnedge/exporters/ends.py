@@ -62,9 +62,9 @@ def first_length(offset_: int, multiple: int, latency: int) -> int:
 
 
 def grid(n: int, offset_: int, multiple: int, latency: int) -> int:
-    """``n`` steps padded up to the grid: at least the shortest first call, = offset (mod M)."""
-    t1 = first_length(offset_, multiple, latency)
-    return t1 if n <= t1 else n + (offset_ - n) % multiple
+    """``n`` steps padded up to the grid as a stream's flush pads them: at least the
+    shortest first call, = offset (mod M)."""
+    return max(n + (offset_ - n) % multiple, first_length(offset_, multiple, latency))
 
 
 def pasts(model, call, inputs, probe_x, ops: list[TemporalOp], at: tuple[int, int]) -> list:
@@ -78,6 +78,9 @@ def pasts(model, call, inputs, probe_x, ops: list[TemporalOp], at: tuple[int, in
         lines = {(join, k): shape for join, k, _, shape, _ in joins.seen}
         row = {}
         for op in ops:
+            if op.kind == "crop":  # zeroes nothing: its frames pass on
+                row[op.path] = 0
+                continue
             if op.kind == "delay":
                 frames = lines.get(op.join, (None,) * (op.axis + 1))[op.axis]
             else:
@@ -118,7 +121,7 @@ def plan(model, call, inputs, probe_x, ops: list[TemporalOp], multiple: int):
     # A flush's zeros must also reach past each op's own right padding (a centred stft's
     # n_fft // 2 is more than its look-ahead): the latency covers both.
     need = max(((op.right + op.past) * op.per_frame for op in ops), default=Fraction(0))
-    return ops, followed.crops, max(lag, need), a
+    return ops, (followed.crops, followed.sized), max(lag, need), a
 
 
 def flushed(run, inputs, latency: int, multiple: int, offset_: int, probe_x, states0,

@@ -319,8 +319,8 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
         fronts = frontends.find(model, lambda x: probe_model(ctx, model, x), inputs, probe_x)
         with fronts.redirected():
             # Convolutions/pooling along time stream with their input's last frames as a cache.
-            ops, multiple = temporal.analyse(model, lambda x: probe_model(ctx, model, x), inputs,
-                                             probe_x)
+            ops, multiple, loose = temporal.analyse(model, lambda x: probe_model(ctx, model, x),
+                                                    inputs, probe_x)
             # Skip connections around look-ahead ops: the less late path gets a delay line.
             # Look-ahead: delay lines where paths of different lags join, the first call's
             # offset and each op's end (``ends``).
@@ -329,9 +329,9 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
                 ops, *late = ends.plan(model, lambda x: probe_model(ctx, model, x), inputs,
                                        probe_x, ops, multiple)
             if ops:
-                caches = Caches(model, ops)
+                caches = Caches(model, ops, loose)
                 if late:
-                    caches.crops, caches.lag, caches.offset = late
+                    (caches.crops, caches.sized), caches.lag, caches.offset = late
                 specs += caches.specs()
     wrapper = _LiftWrapper(model, ctx, len(inputs), caches, lambda x: delays.timed(inputs, x))
 

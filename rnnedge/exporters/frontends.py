@@ -56,6 +56,23 @@ from rnnedge.exporters.inputs import resize
 
 STFTS = (torch.stft, torch.Tensor.stft)
 UNFOLDS = (torch.Tensor.unfold,)
+#: Functional convolutions: redirected where their weight is no module's parameter (a
+#: fixed filter, e.g. a resampler's sinc kernel made in forward).
+FNCONVS = (F.conv1d,)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+NAMES = {"stft": "torch.stft", "unfold": "Tensor.unfold", "conv": "F.conv1d"}
+
+
+def _kind(func, args, kwargs) -> str | None:
+    """"stft", "unfold" or "conv" for a call ``find`` redirects, else None."""
+    if func in STFTS:
+        return "stft"
+    if func in UNFOLDS:
+        return "unfold"
+    if func in FNCONVS:
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        return None if isinstance(weight, nn.Parameter) else "conv"
+    return None
 #: How much longer the second probe run is (as ``temporal.GROW``).
 GROW = 64
 _STFT_SIGNATURE = inspect.signature(torch.stft)
@@ -85,6 +102,9 @@ class FrontEnd:
     complex_out: bool = True
 
     def describe(self) -> str:
+        if self.kind == "conv":
+            return (f"F.conv1d call {self.index} (kernel {self.size}, stride {self.step}; "
+                    f"streamed as a Conv1d {self.path!r})")
         if self.kind == "stft":
             return (f"torch.stft call {self.index} (n_fft {self.size}, hop {self.step}; streamed "
                     f"as a strided Conv1d {self.path!r})")
@@ -94,7 +114,7 @@ class FrontEnd:
 
 
 def _refuse(kind: str, index: int, why: str, fix: str = "") -> UnsupportedModelError:
-    name = "torch.stft" if kind == "stft" else "Tensor.unfold"
+    name = NAMES[kind]
     return UnsupportedModelError(
         f"{name} call {index} along the time axis {why}, so it cannot stream chunk by chunk; "
         f"{fix + ', or ' if fix else ''}export the model with mode='sequence' (--mode sequence)")
@@ -130,12 +150,14 @@ class _Record(TorchFunctionMode):
         if func is F.pad:
             named = dict(zip(("input", "pad"), args), **kwargs)
             self.pads.append((tuple(named["input"].shape), tuple(named["pad"]), out))
-        elif func in STFTS or func in UNFOLDS:
-            kind = "stft" if func in STFTS else "unfold"
+        elif (kind := _kind(func, args, kwargs)) is not None:
             if kind == "stft":
                 bound = _STFT_SIGNATURE.bind(*args, **kwargs)
                 bound.apply_defaults()
                 named = dict(bound.arguments)
+            elif kind == "conv":
+                named = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                         **dict(zip(_CONV_ARGS, args)), **kwargs}
             else:
                 named = dict(zip(("input", "dimension", "size", "step"), args), **kwargs)
             x = named["input"]
@@ -184,6 +206,23 @@ def _module(kernel: torch.Tensor, step: int, conv2d: bool) -> nn.Module:
     return m.eval()
 
 
+def _fn_conv(seen, path: str, axis: int) -> tuple:
+    """(its FrontEnd, an nn.Conv1d with its fixed weight and options) of an F.conv1d call."""
+    args = seen.args
+    w = args["weight"].detach()
+    groups = int(args["groups"])
+    def pick(v):
+        return (v if isinstance(v, str) else (int(v[0]) if isinstance(v, (tuple, list))
+                                                        else int(v)))
+    m = nn.Conv1d(w.shape[1] * groups, w.shape[0], w.shape[2], pick(args["stride"]),
+                  pick(args["padding"]), pick(args["dilation"]), groups,
+                  bias=args["bias"] is not None)
+    m.weight = nn.Parameter(w.to(torch.float32).clone(), requires_grad=False)
+    if args["bias"] is not None:
+        m.bias = nn.Parameter(args["bias"].detach().to(torch.float32).clone(), requires_grad=False)
+    return FrontEnd("conv", seen.index, path, axis, (), w.shape[2], pick(args["stride"])), m.eval()
+
+
 def _free_name(model: nn.Module, name: str) -> str:
     while hasattr(model, name):
         name = "frontend_" + name
@@ -214,7 +253,7 @@ def find(model: nn.Module, call, inputs, probe_x) -> Frontends:
     found, pads, modules = [], {}, {}
     for seen, other in zip(runs[0].calls, runs[1].calls):
         ndim = len(seen.shape)
-        axis = ndim - 1 if seen.kind == "stft" else int(seen.args["dimension"]) % max(ndim, 1)
+        axis = ndim - 1 if seen.kind != "unfold" else int(seen.args["dimension"]) % max(ndim, 1)
         if ndim == 0 or seen.shape[axis] == other.shape[axis]:
             continue  # framing along an axis that is not time: a per-frame op, left as it is
         if ndim < 2:
@@ -228,6 +267,11 @@ def find(model: nn.Module, call, inputs, probe_x) -> Frontends:
                           "window); only real floating-point signals and windows stream")
         mids = tuple(int(n) for d, n in enumerate(seen.shape) if d not in (0, axis))
         path = _free_name(model, f"{seen.kind}{seen.index}")
+        if seen.kind == "conv":
+            fe, m = _fn_conv(seen, path, axis)
+            found.append(fe)
+            modules[fe.path] = m
+            continue  # its input is the module's: a pad before it feeds the module itself
         if seen.kind == "stft":
             kernel, bins, opts = _stft_kernel(seen.args)
             if opts["center"] and opts["pad_mode"] != "constant":
@@ -340,7 +384,7 @@ class _Redirect(TorchFunctionMode):
         super().__init__()
         self.fronts = fronts
         self.n_pads = 0
-        self.counts = {"stft": 0, "unfold": 0}
+        self.counts = {"stft": 0, "unfold": 0, "conv": 0}
         self.padded: dict[int, tuple] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -349,8 +393,7 @@ class _Redirect(TorchFunctionMode):
             j, self.n_pads = self.n_pads, self.n_pads + 1
             if j in self.fronts.pads:
                 return self._pad(args, kwargs, *self.fronts.pads[j])
-        elif func in STFTS or func in UNFOLDS:
-            kind = "stft" if func in STFTS else "unfold"
+        elif (kind := _kind(func, args, kwargs)) is not None:
             k, self.counts[kind] = self.counts[kind], self.counts[kind] + 1
             fe = self.fronts.calls.get((kind, k))
             if fe is not None:
@@ -366,6 +409,9 @@ class _Redirect(TorchFunctionMode):
         return v
 
     def _frames(self, fe: FrontEnd, x: torch.Tensor) -> torch.Tensor:
+        if fe.kind == "conv":
+            m = self.fronts.modules[fe.path]
+            return m.to(x.dtype)(x) if m.weight.dtype != x.dtype else m(x)
         hit = self.padded.get(id(x))
         u = hit[1] if hit is not None and hit[0] is x else _to_layout(x, fe)
         if fe.center:

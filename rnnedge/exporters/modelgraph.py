@@ -144,6 +144,42 @@ def check_lifted_equals_model(model, form: Form, sample, inputs, what: str,
         )
 
 
+def check_stream_ends(model, form: Form, sample, inputs, what: str, base: int,
+                      low: int = 1) -> None:
+    """For a late graph (look-ahead ops streamed late, a flush at the end): the whole stream
+    (``form.run``: one flush call) equals the model at lengths ``base`` + every kind of
+    remainder modulo the chunk multiple and at short lengths from ``low`` (min_length) up to
+    a stream's shortest first call, so that how the model ends a sequence (its own
+    padding to a "valid length", a last partial stride) is proven at more than the lengths
+    the stream's grid makes easy. The gate then compares the graph with this stream."""
+    m = form.chunk_multiple
+    rests = sorted({0, 1, m // 4, m // 2 - 1, m // 2, m - 1} & set(range(m))) if m > 1 else [1]
+    first = form.latency + 1 + (form.chunk_offset - form.latency - 1) % m  # a stream's least
+    times = sorted({base + r for r in rests} | {t for t in (low, (low + first) // 2, first - 1,
+                                                             first) if t >= low})
+    rng = np.random.default_rng(4)
+    for time in times:
+        data = sample(rng, 1, time)
+        try:
+            with torch.no_grad():
+                own = pytree.tree_leaves(model(*_torch_inputs(data, inputs)))
+        except RnnedgeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one line
+            raise _fails_at(what, exc, 1, time, None, inputs) from exc
+        got = _run(form, _torch_inputs(data, inputs), 1, time, inputs)[: len(own)]
+        for a, b in zip(own, got):
+            if a.shape == b.shape and torch.allclose(a, b, atol=SELF_ATOL, rtol=SELF_RTOL):
+                continue
+            diff = f"max |diff| {(a - b).abs().max().item():.2g}" if a.shape == b.shape else \
+                f"shape {tuple(b.shape)} for {tuple(a.shape)}"
+            raise UnsupportedModelError(
+                f"streamed with its look-ahead ops late and a flush at the end, {what} differs "
+                f"from its own forward() on a sequence of {time} steps ({diff}): how it ends a "
+                f"sequence (e.g. padding it to a valid length) does not fall on the stream's "
+                f"grid of {m} steps at this length; export with mode='sequence'")
+
+
 def output_specs(form: Form, sample, inputs: list[Input], time_axis,
                   sizes=PROBE_SIZES) -> list[TensorSpec]:
     runs = []

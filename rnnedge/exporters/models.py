@@ -57,6 +57,7 @@ from rnnedge.exporters.layers import source_of
 from rnnedge.exporters.modelgraph import (
     assumed_axes,
     check_lifted_equals_model,
+    check_stream_ends,
     export_graph,
     not_time,
     other_length_error,
@@ -236,6 +237,10 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
     sizes = tuple((b, t * form.chunk_multiple) for b, t in probe_sizes(min_length))
     if not step:
         check_lifted_equals_model(model, form, sample, inputs, what, sizes)
+        if form.latency:  # the stream's end, at every kind of length
+            check_stream_ends(model, form, sample, inputs, what,
+                              max(sizes[-1][1], form.latency + form.chunk_multiple),
+                              min_length or 1)
     outputs = output_specs(form, sample, inputs, time_axis, sizes)
     for out in outputs:
         if mode == "stream" and "batch*time" in out.shape:

@@ -52,8 +52,20 @@ WHOLE = (
     ((nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d),
      "pools to a fixed size, so each output frame depends on the whole sequence"),
 )
-#: How much longer the second probe run is (beyond any stride product in practice).
+#: The least that the second probe run is longer by (``growth``).
 GROW = 64
+
+
+def growth(model: nn.Module) -> int:
+    """How much longer the second probe run is: a multiple of the product of the strides of
+    every conv, pool and transposed conv (so that each op's input grows by whole frames and
+    its rate comes out exact, a Demucs's 4**5 included), at least ``GROW``."""
+    product = 1
+    for m in model.modules():
+        if isinstance(m, CONVS + TRANSPOSED + POOLS):
+            s = m.stride if not isinstance(m, POOLS) or m.stride else m.kernel_size
+            product *= max(s) if isinstance(s, (tuple, list)) else int(s)
+    return product * -(-GROW // product)
 
 
 @dataclass
@@ -143,26 +155,31 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
     call(x): runs the model's forward on the inputs ``x`` (a tuple). inputs: the
     exporter's ``Input``s, one with a "time" axis; probe_x: inputs at the example's size.
     """
-    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + GROW)
+    grow = growth(model)
+    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + grow)
                    if "time" in i.axes else x for i, x in zip(inputs, probe_x))
+    # One step longer: a pad to a "valid length" can be 0 at both lengths above.
+    odd = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + 1)
+                if "time" in i.axes else x for i, x in zip(inputs, probe_x))
     with torch.no_grad():
         seen1, run1 = _run(call, model, probe_x)
         seen2, run2 = _run(call, model, longer)
+        _, run3 = _run(call, model, odd)
     pads1, pads2 = run1.calls, run2.calls
+    pads3 = run3.calls if len(run3.calls) == len(pads1) else pads1
     modules = dict(model.named_modules())
     feeding = run1.feeding
-    for i, (shape, pad, _mode, _value) in enumerate(pads1):
+    loose, refused = {}, None  # zero padding after the sequence only: a flush's (late graphs)
+    for i, (shape, pad, mode, value) in enumerate(pads1):
         if i in feeding or i >= len(pads2):
             continue
         for a in range(len(shape)):
-            if shape[a] != pads2[i][0][a] and any(_pad_at(pad, len(shape), a)):
-                raise UnsupportedModelError(
-                    f"forward() pads along the time axis (F.pad {pad} on an input of shape "
-                    f"{shape}) where the padded tensor does not go straight into a convolution "
-                    "or pooling; rnnedge streams zero padding only as the cache of the op it "
-                    "feeds: pad right before the op (or with its own padding=), or export with "
-                    "mode='sequence'"
-                )
+            if shape[a] != pads2[i][0][a] and any(
+                    any(_pad_at(p[i][1], len(shape), a)) for p in (pads1, pads2, pads3)):
+                if _pad_at(pad, len(shape), a)[0] or mode != "constant" or (value or 0) != 0:
+                    raise _loose(pad, shape)
+                loose[i] = a
+                refused = refused or _loose(pad, shape)
     fused: set[int] = set()
     ops, multiple = [], 1
     for path, rec in seen1.items():
@@ -194,7 +211,8 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
             if fl2 != fl:
                 raise _refuse(path, m, "is fed an input padded along time by an amount that "
                                        "depends on the length (lengths-dependent arithmetic)")
-            if fl or fr or fr2:
+            fr3 = _pad_at(pads3[rec.pad][1], len(shape), a)[1]
+            if fl or fr or fr2 or fr3:
                 if mode != "constant" or (value or 0) != 0:
                     raise _refuse(path, m, f"its input is padded along time with mode {mode!r} "
                                            f"value {value!r}; only zero padding streams")
@@ -204,7 +222,7 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
         op = _op(path, m, a, rec.out if isinstance(m, TRANSPOSED) else rec.shape, fl, fr)
         if op is None:
             continue  # kernel 1 and stride 1 along time: per frame
-        per_frame = Fraction(GROW, n2 - n1)  # model input frames per frame of this op's input
+        per_frame = Fraction(grow, n2 - n1)  # model input frames per frame of this op's input
         # Its input comes in whole frames; a conv/pool's also in whole strides (a transposed
         # conv's output is s frames per input frame, whatever the count).
         need = per_frame if op.kind == "transposed" else per_frame * op.stride
@@ -213,7 +231,18 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
                                        pad_call=rec.pad if rec.pad in fused else None))
     order = {path: k for k, (path, _) in enumerate(model.named_modules())}
     ops.sort(key=lambda op: order[op.path])
-    return ops, multiple
+    if loose and not any(op.delay for op in ops):
+        raise refused  # no flush to stand for it: only late graphs end with one
+    return ops, multiple, loose
+
+
+def _loose(pad: tuple, shape: tuple) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"forward() pads along the time axis (F.pad {pad} on an input of shape {shape}) where "
+        "the padded tensor does not go straight into a convolution or pooling; rnnedge streams "
+        "zero padding only as the cache of the op it feeds (or, after the sequence, as a "
+        "flush's zeros where an op looks ahead): pad right before the op (or with its own "
+        "padding=), or export with mode='sequence'")
 
 
 def frames_in(model: nn.Module, call, x) -> dict:

@@ -93,11 +93,15 @@ def gate_cases(plan: Plan, teacher_forced: tuple = (), span: LengthRange | None 
         if spec.mode == "stream":
             # Strided ops along time (conv caches) take multiples of their total stride.
             m = spec.chunk_multiple
-            cases += [Case("stream", b, span.short_stream, b > 1,
+            short, high = span.short_stream, span.high
+            if on_grid(spec):  # several calls after a first one on the grid, then a flush
+                first = remainder.first_length(m, spec.chunk_offset, spec.latency)
+                short, high = max(short, first + 3 * m), max(high, first + 8 * m)
+            cases += [Case("stream", b, short, b > 1,
                            tuple(k * m for k in span.chunks(c)), least=low)
                       for b in BATCHES for c in SHORT_CHUNKS]
-            if span.high > span.short_stream:
-                cases.append(Case("stream", 1, span.high, False,
+            if high > short:
+                cases.append(Case("stream", 1, high, False,
                                   tuple(k * m for k in span.chunks(LONG_CHUNKS)), least=low))
     cases += [Case("teacher-forced", b, n, b > 1, least=low) for b, n in teacher_forced]
     return tuple(cases)

@@ -79,7 +79,7 @@ def flush_steps(real: int, started: bool, multiple: int, offset: int, latency: i
         grid = 0
     elif started:
         grid = -real % multiple
-    else:
+    else:  # the stream's only call: up to the smallest first call (as the model's end)
         grid = first_length(multiple, offset, latency) - real
     return grid + past_end(latency, multiple)
 

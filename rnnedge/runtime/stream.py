@@ -244,16 +244,12 @@ class Stream:
         when there are none). Joined to the outputs before it, this equals eager PyTorch on
         the whole input, frame for frame.
 
-        Strided graphs (``chunk_multiple``): feeds the held steps zero-padded to the
-        multiple and returns the real steps' outputs. Look-ahead graphs (``latency`` > 0):
-        one flush call of the held steps and ``latency`` zero steps with the contract's
-        flush state set, which gives the last ``latency`` outputs (and any held steps');
-        the state is then past the stream's end: ``reset()`` before the next stream.
-        Strided look-ahead graphs (both, or ``chunk_offset``): one flush call of the held
-        steps zero-padded to the grid (a multiple of chunk_multiple, or before the first
-        call the smallest first call), then latency rounded up to a multiple zero steps
-        (the flush state set to them); the outputs are cut so that the stream's add up to
-        ceil(steps fed * time_ratio) per output."""
+        Strided graphs (``chunk_multiple``): the held steps zero-padded to the multiple,
+        the real steps' outputs returned. Look-ahead graphs (``latency``): one call of the
+        held steps padded to the grid (a multiple; before the first call, the smallest
+        first call) and latency rounded up to it in zeros, the flush state set to those;
+        outputs cut to what the steps fed are due (time_ratio, end_offset). The state is
+        then past the stream's end: ``reset()`` before the next stream."""
         axes = [t.time_axis for t in self._data]
         if self._latency or self._offset:
             return self._flush_late(axes)
