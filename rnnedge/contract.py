@@ -144,6 +144,9 @@ class ExportSpec:
     steps an output step comes after its own input step (0: none). chunk_offset: with
     ``chunk_multiple`` M > 1, a stream's first call takes T1 steps, T1 = chunk_offset
     (mod M) and T1 > latency; later calls but the last take multiples of M (0: all do).
+    model_end: (residue, least) where a late strided model pads a whole input of N steps to
+    its own end, L = the least L >= max(N, least) with L = residue (mod M) (a "valid
+    length"), off the stream's grid; None: the grid is the model's end.
     """
 
     mode: str  # "stream" | "sequence"
@@ -158,6 +161,7 @@ class ExportSpec:
     chunk_multiple: int = 1
     latency: int = 0
     chunk_offset: int = 0
+    model_end: tuple[int, int] | None = None
 
     @property
     def data_inputs(self) -> tuple[TensorSpec, ...]:
@@ -204,6 +208,7 @@ class ExportSpec:
             **({"chunk_multiple": self.chunk_multiple} if self.chunk_multiple != 1 else {}),
             **({"latency": self.latency} if self.latency else {}),
             **({"chunk_offset": self.chunk_offset} if self.chunk_offset else {}),
+            **({"model_end": list(self.model_end)} if self.model_end else {}),
         }
 
     def metadata_json(self, parity: dict | None = None) -> str:
@@ -392,5 +397,10 @@ def from_json(text: str) -> ExportSpec:
         # chunk_multiple 1, always 0).
         raise _fail(f"'chunk_offset' must be below 'chunk_multiple' "
                     f"{steps['chunk_multiple']}, got {steps['chunk_offset']}")
+    end = meta.get("model_end")
+    if end is not None and not (isinstance(end, list) and len(end) == 2 and all(map(_is_int, end))
+                                and 0 <= end[0] < steps["chunk_multiple"] and end[1] >= 1):
+        raise _fail(f"'model_end' must be [residue, least] with 0 <= residue < 'chunk_multiple' "
+                    f"{steps['chunk_multiple']} and least >= 1, got {end!r}")
     return ExportSpec(mode, inputs, outputs, states, time_axis, opset, source, dict(parity), state,
-                      **steps)
+                      **steps, model_end=None if end is None else tuple(end))

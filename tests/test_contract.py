@@ -57,6 +57,15 @@ def test_end_offset_round_trips(end, written):
     assert from_json(spec.to_json()).outputs[0].end_offset == end
 
 
+@pytest.mark.parametrize("end", [None, (10, 74), (0, 1)])
+def test_model_end_round_trips(end):
+    """Where a model pads its whole input to itself, off the stream's grid: [residue, least]."""
+    spec = SPEC.replace(chunk_multiple=32, latency=154, chunk_offset=2, model_end=end)
+    meta = json.loads(spec.to_json())
+    assert meta.get("model_end") == (None if end is None else list(end))
+    assert from_json(spec.to_json()).model_end == end
+
+
 @pytest.mark.parametrize("multiple, latency, offset, fmt", [
     (1, 0, 0, 1), (4, 0, 0, 2), (1, 3, 0, 2), (4, 2, 0, 2), (4, 5, 1, 2), (64, 84, 20, 2),
     (4, 0, 3, 2),
@@ -147,6 +156,12 @@ _DROP = object()
     (_set(["outputs", 0, "end_offset"], [2, 4]), "end_offset must be an int or a reduced fraction"),
     (_set(["outputs", 0, "end_offset"], [1, 1]), "end_offset must be an int or a reduced fraction"),
     (_set(["outputs", 0, "end_offset"], True), "end_offset must be an int or a reduced fraction"),
+    (lambda meta: meta.update(chunk_multiple=4, model_end=[4, 10], format=2),
+     "'model_end' must be [residue, least] with 0 <= residue < 'chunk_multiple' 4"),
+    (lambda meta: meta.update(chunk_multiple=4, model_end=[1, 0], format=2),
+     "'model_end' must be [residue, least]"),
+    (lambda meta: meta.update(chunk_multiple=4, model_end=[1], format=2),
+     "'model_end' must be [residue, least]"),
     (lambda meta: meta.update(chunk_multiple=4, chunk_offset=4, format=2),
      "'chunk_offset' must be below 'chunk_multiple' 4, got 4"),
     (lambda meta: meta.update(chunk_offset=1, format=2),

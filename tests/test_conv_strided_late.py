@@ -196,22 +196,15 @@ def test_inspect_shows_the_first_chunk(exported, cli):
     assert "first ≡ 2 (mod 4)" in result.output and "latency 6" in result.output
 
 
-# resample: (chunk_multiple, latency, chunk_offset).
-DEMUCS = {1: (64, 84, 20), 2: (32, 162, 2)}
+# resample: (chunk_multiple, latency, chunk_offset, model_end). resample=2 also streams its
+# functional sinc resamplers (F.conv1d, 56 and 55 samples ahead), a [..., 1:] crop, a
+# stack + view interleave and even/odd slices; it pads to valid lengths = 10 (mod 32), off
+# its stream's grid (2 mod 32): the contract's model_end.
+DEMUCS = {1: (64, 84, 20, None), 2: (32, 154, 2, [10, 74])}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("resample", [
-    1,
-    # Its functional sinc resamplers (F.conv1d, look-ahead 56 and 55), [..., 1:] crop,
-    # stack + view interleave and even/odd slices stream, and equal the model at lengths
-    # whose valid length (= 10 mod 32) is the stream's grid's; at the others (e.g. 195) the
-    # extra windows of the stream's end change the last ~36 samples: refused by the check.
-    pytest.param(2, marks=pytest.mark.xfail(
-        strict=True, raises=rnnedge.errors.UnsupportedModelError,
-        reason="its valid_length (= 10 mod 32) is off the stream's grid (= 2 mod 32) at some "
-               "lengths: the end differs, and rnnedge refuses rather than write it")),
-])
+@pytest.mark.parametrize("resample", list(DEMUCS))
 def test_denoiser_demucs_streams(tmp_path, resample):
     """The `denoiser` package's causal Demucs (random weights, normalize=False); skipped
     where it is not installed (`pip install --no-deps denoiser`: its wheel pins torch 1.5).
@@ -223,8 +216,9 @@ def test_denoiser_demucs_streams(tmp_path, resample):
     path = tmp_path / "demucs.onnx"
     rnnedge.export(model, path, example_input=torch.randn(1, 1, 512), input_axes=("batch", 1, "time"))
     meta = _metadata(path)
-    assert (meta["chunk_multiple"], meta["latency"], meta["chunk_offset"]) == DEMUCS[resample]
-    for total, chunk in ((4096, 256), (4099, 100), (1000, 64), (150, 7)):
+    assert (meta["chunk_multiple"], meta["latency"], meta["chunk_offset"],
+            meta.get("model_end")) == DEMUCS[resample]
+    for total, chunk in ((4096, 256), (4099, 100), (1000, 64), (195, 13), (70, 7), (3, 1)):
         x = np.random.default_rng(total).standard_normal((1, 1, total)).astype(np.float32)
         stream = rnnedge.load(path, device="cpu").stream(batch=1)
         got = np.concatenate([stream.run(x, chunk=chunk), stream.flush()], axis=-1)

@@ -156,6 +156,7 @@ class Caches:
         self.crops: frozenset = frozenset()  # end crops left out while streaming (``delays``)
         self.sized: dict = {}  # reshapes given a time length: -1 while streaming (``delays``)
         self.offset = 0  # a stream's first call: steps = offset (mod chunk multiple)
+        self.model_end: tuple | None = None  # (residue, least): the model's own end (``ends``)
 
     @property
     def latency(self) -> int:

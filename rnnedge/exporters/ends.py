@@ -34,6 +34,7 @@ from rnnedge.errors import UnsupportedModelError
 from rnnedge.exporters import delays, temporal
 from rnnedge.exporters.conv_cache import TemporalOp
 from rnnedge.exporters.inputs import resize
+from rnnedge.runtime.remainder import flush_call
 
 
 def offset(ops: list[TemporalOp], multiple: int) -> int:
@@ -114,18 +115,46 @@ def plan(model, call, inputs, probe_x, ops: list[TemporalOp], multiple: int):
     a = offset(ops, multiple)
     latency = math.ceil(lag)
     t1 = first_length(a, multiple, latency)
-    at = (t1 + multiple * max(1, math.ceil(64 / multiple)), 0)
-    at = (at[0], at[0] + multiple * max(1, math.ceil(32 / multiple)))
+    start = t1 + multiple * max(1, math.ceil(64 / multiple))
     with torch.no_grad():
+        end = model_end(model, call, inputs, probe_x, multiple, start)
+        if end is not None and end[0] == a and end[1] <= t1:
+            end = None  # the model ends on the stream's grid: nothing to say
+        if end is not None:  # measured where the model pads nothing: at its own ends
+            start += (end[0] - start) % multiple
+        at = (start, start + multiple * max(1, math.ceil(32 / multiple)))
         ops = pasts(model, call, inputs, probe_x, ops, at)
     # A flush's zeros must also reach past each op's own right padding (a centred stft's
     # n_fft // 2 is more than its look-ahead): the latency covers both.
     need = max(((op.right + op.past) * op.per_frame for op in ops), default=Fraction(0))
-    return ops, (followed.crops, followed.sized), max(lag, need), a
+    return ops, (followed.crops, followed.sized), max(lag, need), a, end
+
+
+def model_end(model, call, inputs, probe_x, multiple: int, start: int) -> tuple | None:
+    """(residue, least) where the model pads its whole input of N steps itself to L = the
+    least L >= max(N, least) with L = residue (mod multiple) (denoiser's valid_length), from
+    the F.pad of its input at a few lengths; None where it does not pad so."""
+    if multiple == 1:
+        return None
+    low = next(x.shape[i.axes.index("time")] for i, x in zip(inputs, probe_x) if "time" in i.axes)
+    low = min(low, 1 + multiple)
+    lengths = [low, start, start + 1, start + multiple // 2, start + multiple - 1]
+    ends = {}
+    for n in lengths:
+        x = tuple(resize(v, i.axes.index("time"), n) if "time" in i.axes else v
+                  for i, v in zip(inputs, probe_x))
+        try:
+            ends[n] = n + temporal.end_pad(model, call, x, n)
+        except Exception:  # noqa: BLE001 - the model needs more steps: no such end
+            return None
+    residue = ends[start] % multiple
+    least = ends[low]
+    rule = all(ends[n] == max(n + (residue - n) % multiple, least) for n in lengths)
+    return (residue, least) if rule and any(ends[n] != n for n in lengths) else None
 
 
 def flushed(run, inputs, latency: int, multiple: int, offset_: int, probe_x, states0,
-            model_outs) -> tuple:
+            model_outs, end: tuple | None = None) -> tuple:
     """(``run`` (x, states) -> flat outputs as a whole stream in one call, each data
     output's end as (axis, rate, offset) or None): the timed inputs padded to the grid
     (M > 1), then F zero steps (latency rounded up to M), the flush state (the last state)
@@ -136,10 +165,14 @@ def flushed(run, inputs, latency: int, multiple: int, offset_: int, probe_x, sta
 
     def raw(x, states):
         n = next(v.shape[i.axes.index("time")] for i, v in zip(inputs, x) if "time" in i.axes)
-        total = (grid(n, offset_, multiple, latency) if multiple > 1 else n) + f
+        if end is not None:  # padded to the model's own end, then on to the grid
+            pad, past = flush_call(n, n, False, multiple, offset_, latency, end)
+            total = n + pad
+        else:
+            total, past = (grid(n, offset_, multiple, latency) if multiple > 1 else n) + f, f
         x = tuple(v if "time" not in i.axes else _zero_padded(v, i.axes.index("time"), total)
                   for i, v in zip(inputs, x))
-        return run(x, [*states[:-1], torch.full_like(states[-1], float(f))]), n
+        return run(x, [*states[:-1], torch.full_like(states[-1], float(past))]), n
 
     t = next(v.shape[i.axes.index("time")] for i, v in zip(inputs, probe_x) if "time" in i.axes)
     base = grid(t, offset_, multiple, latency) + multiple

@@ -53,6 +53,7 @@ class Form:
     latency: int = 0  # input steps the streamed outputs come late by (look-ahead convs)
     chunk_offset: int = 0  # a stream's first call: steps = this (mod chunk_multiple)
     ends: list | None = None  # per data output (axis, rate, end offset) or None (``ends``)
+    model_end: tuple | None = None  # (residue, least): where the model ends (``ends``)
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +332,7 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
             if ops:
                 caches = Caches(model, ops, loose)
                 if late:
-                    (caches.crops, caches.sized), caches.lag, caches.offset = late
+                    (caches.crops, caches.sized), caches.lag, caches.offset, caches.model_end = late
                 specs += caches.specs()
     wrapper = _LiftWrapper(model, ctx, len(inputs), caches, lambda x: delays.timed(inputs, x))
 
@@ -358,7 +359,7 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
 
         try:
             run, tails = ends.flushed(run, inputs, latency, multiple, offset, probe_x, zeros,
-                                      model_outs)
+                                      model_outs, caches.model_end)
             run(probe_x, zeros)
         except RnnedgeError:
             raise
@@ -370,4 +371,5 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
                 "connection or concatenation joins paths of different latencies where rnnedge "
                 "found no join to delay; pad those ops causally, or export with "
                 "mode='sequence'") from exc
-    return Form(wrapper, specs, run, lambda: installed(True), multiple, latency, offset, tails)
+    return Form(wrapper, specs, run, lambda: installed(True), multiple, latency, offset, tails,
+                caches.model_end if caches is not None else None)

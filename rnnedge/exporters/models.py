@@ -254,7 +254,7 @@ def plan_model(model, example_input, mode: str, opset: int, lengths: bool | None
     spec = ExportSpec(mode, tuple(i.spec() for i in inputs), tuple(outputs),
                       tuple(form.state_specs), time_axis, opset, source_of(model),
                       chunk_multiple=form.chunk_multiple, latency=form.latency,
-                      chunk_offset=form.chunk_offset,
+                      chunk_offset=form.chunk_offset, model_end=form.model_end,
                       state="carried" if form.state_specs or step else "internal")
     # Only a max_length the user gave allows a bounded time axis (up to it): the default
     # is the gate's longest length, not a limit of the model's.

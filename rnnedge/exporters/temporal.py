@@ -245,6 +245,19 @@ def _loose(pad: tuple, shape: tuple) -> UnsupportedModelError:
         "padding=), or export with mode='sequence'")
 
 
+def end_pad(model: nn.Module, call, x, n: int) -> int:
+    """The zero steps the model's first F.pad of an input of ``n`` steps along time appends
+    (0: none), from one run of ``call(x)``."""
+    _, pads = _run(call, model, x)
+    for shape, pad, _mode, _value in pads.calls:
+        for a in range(len(shape)):
+            if shape[a] == n:
+                left, right = _pad_at(pad, len(shape), a)
+                if right and not left:
+                    return right
+    return 0
+
+
 def frames_in(model: nn.Module, call, x) -> dict:
     """{module path: the shape of its input without the model's own F.pad before it} of
     the watched modules, from one run of ``call(x)``."""

@@ -136,10 +136,10 @@ def flush_inputs(spec: ExportSpec, arrays: dict, steps: int | None = None) -> di
     return out
 
 
-def flush_state(spec: ExportSpec, states: dict) -> dict:
-    """``states`` with the flush state set to the zero steps a flush call appends past the
-    stream's end (``spec.latency``, rounded up to ``chunk_multiple``)."""
-    past = remainder.past_end(spec.latency, spec.chunk_multiple)
+def flush_state(spec: ExportSpec, states: dict, past: int | None = None) -> dict:
+    """``states`` with the flush state set to the zero steps of a flush call past the
+    model's end (default ``spec.latency``, rounded up to ``chunk_multiple``)."""
+    past = remainder.past_end(spec.latency, spec.chunk_multiple) if past is None else past
     return {**states, FLUSH_STATE: np.full_like(states[FLUSH_STATE], past)}
 
 
@@ -148,10 +148,10 @@ def on_grid(spec: ExportSpec) -> bool:
     return spec.chunk_multiple > 1 and bool(spec.latency or spec.chunk_offset)
 
 
-def grid_spans(spans: list, total: int, spec: ExportSpec) -> tuple[list, tuple, int]:
-    """(the spans fed as ordinary calls, the span fed with the flush call, the zero steps
-    appended to it) for a graph ``on_grid``, cut from the chunks ``spans`` as
-    ``Stream.step``/``flush`` cut them: a first call of T1 = chunk_offset (mod
+def grid_spans(spans: list, total: int, spec: ExportSpec) -> tuple[list, tuple, tuple]:
+    """(the spans fed as ordinary calls, the span fed with the flush call, (the zero steps
+    appended to it, its flush state)) for a graph ``on_grid``, cut from the chunks
+    ``spans`` as ``Stream.step``/``flush`` cut them: a first call of T1 = chunk_offset (mod
     chunk_multiple) steps, T1 > latency, then multiples, the rest padded to the grid."""
     m, a, latency = spec.chunk_multiple, spec.chunk_offset, spec.latency
     calls, start, started = [], 0, False
@@ -166,7 +166,8 @@ def grid_spans(spans: list, total: int, spec: ExportSpec) -> tuple[list, tuple, 
         if n:
             calls.append((start, start + n))
             start += n
-    return calls, (start, total), remainder.flush_steps(total - start, started, m, a, latency)
+    return calls, (start, total), remainder.flush_call(total, total - start, started, m, a,
+                                                       latency, spec.model_end)
 
 
 def latency_spans(spans: list, latency: int) -> tuple[list, tuple | None]:
@@ -278,9 +279,9 @@ def case_arrays(plan: Plan, graph: GraphCall, eager, rng, case: Case, referee=No
         return CaseRun(got_outs, got_states, want_outs, want_states, ref_outs, ref_states)
     got_states, pieces = states0, []
     spans, last = chunk_spans(case.length, case.chunks or (case.length,), case.least), None
-    pad = None
+    pad = past = None
     if on_grid(spec):  # as the runtime feeds it: a first call off the grid, then multiples
-        spans, last, pad = grid_spans(spans, case.length, spec)
+        spans, last, (pad, past) = grid_spans(spans, case.length, spec)
     elif spec.latency:  # eager is the whole stream: the graph's ends with a flush call
         spans, last = latency_spans(spans, spec.latency)
         last = last or (case.length, case.length)
@@ -289,7 +290,7 @@ def case_arrays(plan: Plan, graph: GraphCall, eager, rng, case: Case, referee=No
         pieces.append(piece)
     if last is not None:
         piece, got_states = graph(flush_inputs(spec, slice_time(inputs, *last, spec), pad),
-                                  flush_state(spec, got_states))
+                                  flush_state(spec, got_states, past))
         pieces.append(piece)
     got_outs = {}
     for t in spec.outputs:

@@ -84,6 +84,23 @@ def flush_steps(real: int, started: bool, multiple: int, offset: int, latency: i
     return grid + past_end(latency, multiple)
 
 
+def flush_call(real: int, held: int, started: bool, multiple: int, offset: int, latency: int,
+               end: tuple | None) -> tuple[int, int]:
+    """(zero steps to append to the ``held`` steps, the flush state) of a late graph's flush
+    call, ``real`` steps fed in all. Without ``end`` (contract ``model_end``): up to the grid
+    (``flush_steps``) and the flush state ``past_end``. With it: up to the model's own end L
+    (the least L >= max(real, least) with L = residue (mod multiple)), then on to the
+    grid (at least the smallest first call), then ``past_end``; the flush state counts the
+    zero steps past L, which the graph's ops take as past the end."""
+    f = past_end(latency, multiple)
+    if end is None:
+        return flush_steps(held, started, multiple, offset, latency), f
+    residue, least = end
+    length = max(real + (residue - real) % multiple, least)
+    grid = max(length + (offset - length) % multiple, first_length(multiple, offset, latency))
+    return grid - real + f, grid + f - length
+
+
 def frames_due(steps: int, ratio, offset=None) -> int:
     """The frames an output of ``time_ratio`` ``ratio`` (int, or (num, den)) has for a
     whole input of ``steps`` steps: ceil(steps * ratio), or with the contract's

@@ -58,6 +58,7 @@ class Stream:
         self._latency = spec.latency if spec is not None else 0
         # Strided graphs whose first call is off the grid (contract chunk_offset).
         self._offset = spec.chunk_offset if spec is not None else 0
+        self._end = spec.model_end if spec is not None else None  # a flush pads to it
         # Strided graphs with either: the flush call pads to the grid, and its outputs are cut
         # so the stream's add up to ceil(real steps * time_ratio): counted per stream.
         self._tally = (self._multiple > 1 and bool(self._latency or self._offset)) or \
@@ -266,8 +267,8 @@ class Stream:
 
     def _flush_late(self, axes: list):
         real = remainder.held_steps(self._held, axes)
-        pad = remainder.flush_steps(real, self._started, self._multiple, self._offset,
-                                    self._latency)
+        pad, past = remainder.flush_call(self._fed + real, real, self._started, self._multiple,
+                                         self._offset, self._latency, self._end)
         if (not self._started and real == 0) or real + pad == 0:
             # Nothing to feed: the graph would emit 0 steps, which onnxruntime's CPU
             # GRU/LSTM kernels abort the process on.
@@ -276,7 +277,6 @@ class Stream:
         feed = remainder.extended(held, axes, pad)
         saved = self._engine.get_state()
         if self._latency:  # graphs with only a chunk_offset have no flush state (past: 0)
-            past = remainder.past_end(self._latency, self._multiple)
             self._engine.set_state({FLUSH_STATE: np.full_like(saved[FLUSH_STATE], past)})
         try:
             out = self._step_once(feed, True)
