@@ -98,6 +98,31 @@ class ValidUNet(nn.Module):
         return y[..., :length]
 
 
+class Transposed2dNorms(nn.Module):
+    """Conv2d over (freq, time) at stride 2 in time looking 2 frames ahead, centred in
+    frequency; GroupNorm and LayerNorm per frame (over channels and frequency, never time);
+    GLU over channels; LSTM; ConvTranspose2d upsampling time by 2: (B, T, 8) -> (B, T, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, (3, 4), stride=(1, 2), padding=(1, 0))
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm([4, 8])
+        self.lstm = nn.LSTM(32, 32, batch_first=True)
+        self.up = nn.ConvTranspose2d(4, 1, (1, 4), stride=(1, 2))
+
+    def forward(self, x):
+        b, t, f = x.shape
+        # 1 frame before, 2 after: ceil(T / 2) frames, each looking 2 frames ahead.
+        z = F.glu(self.c1(F.pad(x.transpose(1, 2).unsqueeze(1), (1, 2))), dim=1)
+        n = z.shape[-1]
+        z = z.permute(0, 3, 1, 2).reshape(b * n, 4, f)  # per frame: (B * T/2, 4, F)
+        z = self.ln(self.gn(z)).reshape(b, n, 4 * f)
+        h = self.lstm(z)[0].reshape(b, n, 4, f).permute(0, 2, 3, 1)  # (B, 4, F, T/2)
+        y = self.up(h)[..., :t]  # (B, 1, F, T)
+        return y.squeeze(1).transpose(1, 2)
+
+
 # model, example shape, input axes, (chunk_multiple, latency, chunk_offset), delay lines,
 # min_length, end_offset
 MODELS = {
@@ -105,6 +130,7 @@ MODELS = {
     "valid-conv-gru": (ValidConvGRU, (1, 10, 4), None, (1, 4, 0), 0, 5, -4),
     "late-then-strided": (LateThenStrided, (1, 10, 4), None, (2, 1, 1), 0, None, None),
     "valid-unet": (ValidUNet, (1, 3, 64), ("batch", 3, "time"), (4, 6, 2), 1, None, None),
+    "transposed2d-norms": (Transposed2dNorms, (1, 10, 8), None, (2, 2, 0), 0, 2, None),
 }
 
 
@@ -135,7 +161,7 @@ def _metadata(path) -> dict:
 
 
 def _signal(name: str, total: int, seed: int) -> np.ndarray:
-    shape = (2, 3, total) if name == "valid-unet" else (2, total, 4)
+    shape = (2, 3, total) if name == "valid-unet" else (2, total, MODELS[name][1][2])
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import re
 from dataclasses import dataclass
 
@@ -52,6 +51,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from rnnedge.errors import UnsupportedModelError
+from rnnedge.exporters import framing
 from rnnedge.exporters.inputs import resize
 
 STFTS = (torch.stft, torch.Tensor.stft)
@@ -167,45 +167,6 @@ class _Record(TorchFunctionMode):
         return out
 
 
-def _stft_kernel(args: dict) -> tuple[torch.Tensor, int, dict]:
-    """(the (2*bins, n_fft) DFT basis times the window, bins, options) of one stft call."""
-    n = int(args["n_fft"])
-    hop = int(args["hop_length"] or n // 4)
-    win = int(args["win_length"] or n)
-    window = args["window"]
-    w = torch.ones(win, dtype=torch.float64) if window is None else \
-        window.detach().to(torch.float64).reshape(-1)
-    full = torch.zeros(n, dtype=torch.float64)
-    left = (n - w.numel()) // 2
-    full[left:left + w.numel()] = w
-    onesided = args["onesided"] if args["onesided"] is not None else True  # real signal, window
-    bins = n // 2 + 1 if onesided else n
-    f = torch.arange(bins, dtype=torch.float64)[:, None]
-    angle = 2 * math.pi * f * torch.arange(n, dtype=torch.float64)[None, :] / n
-    sin = -torch.sin(angle)
-    # DC and Nyquist have no imaginary part: exact zeros, as torch.stft gives (sin(pi*n)
-    # is ~1e-15, whose sign would flip a phase).
-    sin[(f.reshape(-1) == 0) | (2 * f.reshape(-1) == n)] = 0.0
-    basis = torch.cat([torch.cos(angle), sin]) * full[None, :]
-    if args["normalized"]:
-        basis = basis / math.sqrt(n)
-    return basis, bins, {"hop": hop, "center": bool(args["center"]),
-                         "pad_mode": args["pad_mode"], "complex": args["return_complex"]}
-
-
-def _module(kernel: torch.Tensor, step: int, conv2d: bool) -> nn.Module:
-    """The strided convolution with ``kernel`` (K, size) as its weights, no bias."""
-    k, size = kernel.shape
-    if conv2d:
-        m = nn.Conv2d(1, k, (1, size), stride=(1, step), bias=False)
-        weight = kernel.reshape(k, 1, 1, size)
-    else:
-        m = nn.Conv1d(1, k, size, stride=step, bias=False)
-        weight = kernel.reshape(k, 1, size)
-    m.weight = nn.Parameter(weight.to(torch.float32), requires_grad=False)
-    return m.eval()
-
-
 def _fn_conv(seen, path: str, axis: int) -> tuple:
     """(its FrontEnd, an nn.Conv1d with its fixed weight and options) of an F.conv1d call."""
     args = seen.args
@@ -273,7 +234,7 @@ def find(model: nn.Module, call, inputs, probe_x) -> Frontends:
             modules[fe.path] = m
             continue  # its input is the module's: a pad before it feeds the module itself
         if seen.kind == "stft":
-            kernel, bins, opts = _stft_kernel(seen.args)
+            kernel, bins, opts = framing.stft_kernel(seen.args)
             if opts["center"] and opts["pad_mode"] != "constant":
                 raise _refuse("stft", seen.index, f"pads with center=True, pad_mode="
                               f"{opts['pad_mode']!r}: it mirrors samples around the "
@@ -297,7 +258,7 @@ def find(model: nn.Module, call, inputs, probe_x) -> Frontends:
                                   "arithmetic)")
                 pads[seen.pad] = (fe, _pad_at(pad, ndim, axis))
         found.append(fe)
-        modules[fe.path] = _module(kernel, fe.step, bool(mids))
+        modules[fe.path] = framing.framing_conv(kernel, fe.step, bool(mids))
     return Frontends(model, found, pads, modules)
 
 
