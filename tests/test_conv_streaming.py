@@ -252,6 +252,20 @@ class WholeNorm(nn.Module):
         return self.lstm(self.norm(x.transpose(1, 2)).transpose(1, 2))[0]
 
 
+class PadToMultiple(nn.Module):
+    """Pads its end to a multiple of 8 (length arithmetic) before a causal strided conv: no
+    flush of a causal stream stands for that padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(4, 3, 4, stride=4)
+        self.gru = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x):
+        z = F.pad(x.transpose(1, 2), (0, (-x.shape[1]) % 8))
+        return self.gru(self.c(z).transpose(1, 2))[0]
+
+
 class PadAway(nn.Module):
     """Pads time, then an activation, then the conv: the pad does not feed the conv."""
 
@@ -316,6 +330,7 @@ class TwoLate(nn.Module):
 
 @pytest.mark.parametrize("cls, words", [
     (WholeNorm, ["InstanceNorm1d 'norm'", "normalises over the time axis"]),
+    (PadToMultiple, ["Conv1d 'c'", "padded along time by an amount that depends on the length"]),
     (PadAway, ["pads along the time axis", "does not go straight into a convolution"]),
     (Reflect, ["Conv1d 'conv'", "mode 'reflect'"]),
     (Twice, ["Conv1d 'conv'", "called 2 times"]),

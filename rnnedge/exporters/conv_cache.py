@@ -19,12 +19,12 @@ The math, along the op's time axis ``a`` of its input (``span`` = dilation*(kern
                   y = z[:T*s] + bias; new overlap = z[T*s:]
 
 Padding the model applies itself with ``F.pad``/a pad module straight before a conv
-(``fused_left``/``fused_right`` frames) is cut off the chunk again: the cache is that
-padding. Chunks must hold a multiple of the op's total stride (``chunk_multiple``) but for
+(``fused_left``/``fused_right`` frames) is left out while streaming (``Unpad``): the cache
+stands for it before the sequence, a flush's zeros after. Chunks must hold a multiple of the op's total stride (``chunk_multiple``) but for
 the last one of a stream. Shapes: a Conv1d's cache is (batch, channels, C); a Conv2d's
 over (freq, time) (batch, channels, freq, C); the time axis is the op input's.
 
-Look-ahead (``delay`` > 0: a centred kernel, "same" padding, stride 1) streams late: the
+Look-ahead (``delay`` > 0: a centred kernel, "same" padding; at a stride see ``ends``) streams late: the
 zero cache stands for ``delay`` frames more than the model pads, so the op's first
 ``delay`` outputs fall before the sequence; a counter state ``<path>.seen0 -> .seenn``
 ((batch, 1), float32: output frames computed so far, capped at ``delay``; row 0 counts
@@ -65,16 +65,20 @@ KINDS = ("conv", "pool", "transposed", "delay", "crop")
 class TemporalOp:
     """One op along time, as streamed.
 
-    path: the module's path in the model. kind: one of KINDS. axis: the time axis of its
-    input (>= 2). span, stride: its kernel's reach and its stride along time. left: the
-    zero frames before the sequence (its own padding plus ``fused_left``). fused_left,
-    fused_right: frames of the model's own zero padding of its input, cut off again when
-    streaming. cache: frames carried (overlap frames for a transposed conv). shape: the
-    cache's shape with "batch" at axis 0 and ``cache`` at ``axis``. multiple: the input
-    frames (of the model input) per frame of this op's input. delay: frames it looks
-    ahead (streamed late; stride 1 only). up: the input frames the ops before it delay its
-    input by (found by ``temporal.latencies``). join: for kind "delay" (a delay line, no
-    module: ``delays``), the (join, argument) it delays.
+    path: the module's path in the model (delay lines: ``delay<i>``, start crops:
+    ``crop<i>``). kind: one of KINDS. axis: the time axis of its input (>= 2). span,
+    stride: its kernel's reach and its stride along time. left: the zero frames before the
+    sequence (its own padding plus ``fused_left``). fused_left, fused_right: frames of the
+    model's own zero padding of its input by an F.pad (``pad_call``: that call's index in a
+    forward), left out while streaming. cache: frames carried (overlap frames for a
+    transposed conv). shape: the cache's shape with "batch" at axis 0 and ``cache`` at
+    ``axis``. multiple: the numerator of ``per_frame * stride`` (the chunk multiple it
+    needs). delay: frames of its input that fall before the sequence (look-ahead; a delay
+    line's or start crop's frames), ``drop`` of its outputs. up: the model input frames
+    its input lags by; per_frame: model input frames per frame of its input (a Fraction);
+    past: ``ends.pasts``' measure of the frames past the end at a flush; right: the zero
+    frames the model pads after the sequence. join: for a delay line the (join, argument)
+    it delays, for a start crop ("crop", slice index).
     """
 
     path: str

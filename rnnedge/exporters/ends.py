@@ -200,7 +200,7 @@ def _ends(model_outs, inputs, probe_x, base: int, multiple: int) -> list:
             return [tuple(o.shape) for o in model_outs(x)]
 
     far = base + 2 * multiple
-    lengths = sorted({base + k for k in (0, 1, multiple // 2, multiple - 1)} | {far})
+    lengths = sorted({base + k for k in rests(multiple)} | {far})
     seen = {n: counts(n) for n in lengths}
     ends = []
     for k, (a, b) in enumerate(zip(seen[base], seen[far])):
@@ -218,6 +218,15 @@ def _ends(model_outs, inputs, probe_x, base: int, multiple: int) -> list:
                 f"{lengths} steps); export with mode='sequence'")
         ends.append((axis, r, c))
     return ends
+
+
+def rests(multiple: int, most: int = 256) -> list[int]:
+    """Remainders modulo ``multiple`` to run the model at: all of them (a length's end can
+    depend on any), or ``most`` spread over them with the ends of each stride's period."""
+    if multiple <= most:
+        return list(range(multiple))
+    step = multiple / most
+    return sorted({int(k * step) for k in range(most)} | {1, multiple - 1})
 
 
 def _zero_padded(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:

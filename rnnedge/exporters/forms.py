@@ -367,9 +367,9 @@ def lift_form(model, ctx: trace.Context, inputs: list[Input], probe_x, mode,
             names = ", ".join(f"{c.op.path!r} ({c.op.delay})" for c in caches.ops if c.op.delay)
             raise UnsupportedModelError(
                 f"the model fails when streamed with its look-ahead ops {names} late by their "
-                f"look-ahead ({type(exc).__name__}: {first_line(exc, fallback='')}): a skip "
-                "connection or concatenation joins paths of different latencies where rnnedge "
-                "found no join to delay; pad those ops causally, or export with "
+                f"look-ahead ({type(exc).__name__}: {first_line(exc, fallback='')}), e.g. where "
+                "a skip connection or concatenation joins paths of different latencies that "
+                "rnnedge could not align; pad those ops causally, or export with "
                 "mode='sequence'") from exc
     return Form(wrapper, specs, run, lambda: installed(True), multiple, latency, offset, tails,
                 caches.model_end if caches is not None else None)

@@ -73,7 +73,9 @@ def _kind(func, args, kwargs) -> str | None:
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         return None if isinstance(weight, nn.Parameter) else "conv"
     return None
-#: How much longer the second probe run is (as ``temporal.GROW``).
+
+
+#: How much longer the second probe run is (which axis follows the length; no rates here).
 GROW = 64
 _STFT_SIGNATURE = inspect.signature(torch.stft)
 

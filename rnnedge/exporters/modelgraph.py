@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 
 from rnnedge.contract import ExportSpec, TensorSpec
 from rnnedge.errors import RnnedgeError, UnsupportedModelError, UsageError, first_line
-from rnnedge.exporters import torchonnx
+from rnnedge.exporters import ends, torchonnx
 from rnnedge.exporters.forms import Form, loop_error
 from rnnedge.exporters.inputs import (
     DTYPES,
@@ -147,16 +147,15 @@ def check_lifted_equals_model(model, form: Form, sample, inputs, what: str,
 def check_stream_ends(model, form: Form, sample, inputs, what: str, base: int,
                       low: int = 1) -> None:
     """For a late graph (look-ahead ops streamed late, a flush at the end): the whole stream
-    (``form.run``: one flush call) equals the model at lengths ``base`` + every kind of
-    remainder modulo the chunk multiple and at short lengths from ``low`` (min_length) up to
-    a stream's shortest first call, so that how the model ends a sequence (its own
+    (``form.run``: one flush call) equals the model at lengths ``base`` + every remainder
+    modulo the chunk multiple (64 spread over them beyond 64) and at short lengths from
+    ``low`` (min_length) up to a stream's shortest first call, so that how the model ends a sequence (its own
     padding to a "valid length", a last partial stride) is proven at more than the lengths
     the stream's grid makes easy. The gate then compares the graph with this stream."""
     m = form.chunk_multiple
-    rests = sorted({0, 1, m // 4, m // 2 - 1, m // 2, m - 1} & set(range(m))) if m > 1 else [1]
     first = form.latency + 1 + (form.chunk_offset - form.latency - 1) % m  # a stream's least
-    times = sorted({base + r for r in rests} | {t for t in (low, (low + first) // 2, first - 1,
-                                                             first) if t >= low})
+    times = sorted({base + r for r in ends.rests(m, 64)} |
+                   {t for t in (low, (low + first) // 2, first - 1, first) if t >= low})
     rng = np.random.default_rng(4)
     for time in times:
         data = sample(rng, 1, time)

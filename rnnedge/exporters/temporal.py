@@ -170,6 +170,7 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
     modules = dict(model.named_modules())
     feeding = run1.feeding
     loose, refused = {}, None  # zero padding after the sequence only: a flush's (late graphs)
+    varying = None  # the refusal of a pad into an op that follows the length (late graphs only)
     for i, (shape, pad, mode, value) in enumerate(pads1):
         if i in feeding or i >= len(pads2):
             continue
@@ -206,12 +207,17 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
             fl, fr = _pad_at(pad, len(shape), a)
             fl2, fr2 = (None, None) if other.pad is None else \
                 _pad_at(pads2[other.pad][1], len(shape), a)
-            # Padding after the sequence may follow the length (a "valid length" pad): the
-            # stream pads its end on the grid of its strides (``ends``); before, it may not.
+            # Padding after the sequence may follow the length (a "valid length" pad) where
+            # a flush ends the stream as the model does (a late graph: ``ends``, checked
+            # against the model); before the sequence it may not.
             if fl2 != fl:
                 raise _refuse(path, m, "is fed an input padded along time by an amount that "
                                        "depends on the length (lengths-dependent arithmetic)")
             fr3 = _pad_at(pads3[rec.pad][1], len(shape), a)[1]
+            if len({fr, fr2, fr3}) > 1:
+                varying = varying or _refuse(
+                    path, m, "is fed an input padded along time by an amount that depends on "
+                             "the length (lengths-dependent arithmetic)")
             if fl or fr or fr2 or fr3:
                 if mode != "constant" or (value or 0) != 0:
                     raise _refuse(path, m, f"its input is padded along time with mode {mode!r} "
@@ -231,8 +237,11 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
                                        pad_call=rec.pad if rec.pad in fused else None))
     order = {path: k for k, (path, _) in enumerate(model.named_modules())}
     ops.sort(key=lambda op: order[op.path])
-    if loose and not any(op.delay for op in ops):
-        raise refused  # no flush to stand for it: only late graphs end with one
+    if not any(op.delay for op in ops):  # no flush to stand for them: late graphs end with one
+        if loose:
+            raise refused
+        if varying:
+            raise varying
     return ops, multiple, loose
 
 
