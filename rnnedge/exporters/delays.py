@@ -20,6 +20,14 @@ While streaming, the mode replaces that argument by its delay line::
 so the argument reaches the join on the same frames as the other path: ``T - k`` frames on
 a stream's first call, ``T`` after. States: ``delay<i>.cache0 -> .cachen`` and
 ``delay<i>.seen0 -> .seenn`` per delay line, ``i`` its order among the model's joins.
+
+The same mode sees slices and reshapes of lagging tensors (``follow``, by their order in a
+forward): a slice that only cuts the end along time (``skip[..., :x.shape[-1]]``,
+``y[..., :length]``) is left out while streaming (the end comes with the flush); one that
+cuts the first frames (``x[..., k:]``) drops them once per stream (a start crop, kind
+"crop": a counter ``crop<i>.seen0`` and a lag of k frames); a reshape given a time length
+taken from another tensor (``y.view(*other, time)`` after a conv that streams late) gets
+-1 there. Lags are in model input frames (Fractions: ops at other rates).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Finding the ops along time of a model exported in stream mode, and how each streams.
 
-``analyse`` runs the model eagerly at two lengths with hooks on every convolution,
+``analyse`` runs the model eagerly at three lengths with hooks on every convolution,
 pooling and transposed convolution (and a torch-function mode that sees ``F.pad``). An
 op runs along time when one of its spatial input axes follows the input's length: that
 axis is its time axis (any axis: Conv2d over (freq, time) or (time, freq) alike). Ops with
@@ -14,14 +14,16 @@ and ops whose look-ahead is absorbed by their stride (e.g. kernel 3, padding 1, 
 transposed convolutions without time cropping (upsampling, their overlap carried);
 right padding whose extra end frames the model crops (``y[..., :T]``; the gate checks);
 strides of any size (chunks are then multiples of the total stride: ``chunk_multiple``).
-Ops that look ahead at stride 1 ("same" padding) stream late (``delay``, the model's
-latency: the sum along a chain of them, each op's ``up`` the latency before it), with delay
-lines where paths of different latencies join (``delays``). What is refused, by name, with
-why: look-ahead at a stride or in a model with strided or transposed ops along time,
-non-zero or reflect padding along time, max
-pooling over padded time, ``ceil_mode``, a pad along time that does not feed an op
-directly, ops called more than once per forward, and ops that see the whole sequence
-(InstanceNorm, attention, adaptive pooling over time).
+Ops that look ahead ("same" padding, a valid conv, at any stride) stream late (``delay``
+frames of their input fall before the sequence), with delay lines where paths of
+different lags join (``delays``) and a stream's first call and end placed by ``ends``.
+Zero padding after the sequence may follow the length (a "valid length") in such late
+graphs, where a flush stands for it, and may feed other ops than a conv there (``loose``).
+What is refused, by name, with why: a length-dependent pad in a graph without look-ahead,
+padding before the sequence that follows the length, non-zero or reflect padding along
+time, max pooling over padded time, ``ceil_mode``, a pad before the sequence that does
+not feed an op directly, ops called more than once per forward, and ops that see the
+whole sequence (InstanceNorm, attention, adaptive pooling over time).
 """
 
 from __future__ import annotations
@@ -149,8 +151,9 @@ def _refuse(path: str, m: nn.Module, why: str) -> UnsupportedModelError:
     )
 
 
-def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], int]:
-    """(the ops along time, in module order; the chunk multiple) of ``model``.
+def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], int, dict]:
+    """(the ops along time, in module order; the chunk multiple; the zero pads after the
+    sequence that feed no op, {F.pad call: time axis}, only in late graphs) of ``model``.
 
     call(x): runs the model's forward on the inputs ``x`` (a tuple). inputs: the
     exporter's ``Input``s, one with a "time" axis; probe_x: inputs at the example's size.
