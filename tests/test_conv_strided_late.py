@@ -253,6 +253,8 @@ def test_inspect_shows_the_first_chunk(exported, cli):
     result = cli("inspect", str(exported("valid-unet")[1]))
     assert result.exit_code == 0, result.output
     assert "first ≡ 2 (mod 4)" in result.output and "latency 6" in result.output
+    result = cli("inspect", str(exported("same-then-wide")[1]))
+    assert "floor(N*1/16 + -9/16) steps" in result.output
 
 
 # resample: (chunk_multiple, latency, chunk_offset, model_end). resample=2 also streams its
@@ -264,7 +266,7 @@ DEMUCS = {1: (64, 84, 20, None), 2: (32, 154, 2, [10, 74])}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("resample", list(DEMUCS))
-def test_denoiser_demucs_streams(tmp_path, resample):
+def test_denoiser_demucs_streams(tmp_path, cli, resample):
     """The `denoiser` package's causal Demucs (random weights, normalize=False); skipped
     where it is not installed (`pip install --no-deps denoiser`: its wheel pins torch 1.5).
     Its stream, flushed, equals the model on the whole signal frame for frame, at lengths
@@ -277,6 +279,8 @@ def test_denoiser_demucs_streams(tmp_path, resample):
     meta = _metadata(path)
     assert (meta["chunk_multiple"], meta["latency"], meta["chunk_offset"],
             meta.get("model_end")) == DEMUCS[resample]
+    shown = cli("inspect", str(path)).output
+    assert ("its own length ≡ 10 (mod 32), at least 74" in shown) == (resample == 2)
     for total, chunk in ((4096, 256), (4099, 100), (1000, 64), (195, 13), (70, 7), (3, 1)):
         x = np.random.default_rng(total).standard_normal((1, 1, total)).astype(np.float32)
         stream = rnnedge.load(path, device="cpu").stream(batch=1)

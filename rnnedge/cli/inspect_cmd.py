@@ -81,6 +81,10 @@ def command(graph_path: Path, as_json: bool):
     for role, tensors in (("input", spec.inputs), ("output", spec.outputs)):
         for t in tensors:
             note = f"ids in [{t.range[0]}, {t.range[1]})" if t.range else ""
+            if t.end_offset is not None:  # frames for a whole stream of N steps
+                c = t.end_offset if isinstance(t.end_offset, int) else "/".join(map(str, t.end_offset))
+                r = t.time_ratio if isinstance(t.time_ratio, int) else "/".join(map(str, t.time_ratio))
+                note = f"floor(N*{r} + {c}) steps for N input steps"
             table.add_row(role, t.name, t.dtype, _shape(t.shape), note)
     for s in spec.states:
         table.add_row("state", s.input, s.dtype, _shape(s.shape),
@@ -92,8 +96,11 @@ def command(graph_path: Path, as_json: bool):
         m = spec.chunk_multiple
         chunks = (f"chunks: first \u2261 {spec.chunk_offset} (mod {m}) steps, then multiples "
                   f"of {m};" if spec.chunk_offset else f"chunks of a multiple of {m} steps,")
+        end = (f"; the model ends a whole input at its own length \u2261 {spec.model_end[0]} "
+               f"(mod {m}), at least {spec.model_end[1]} (a flush pads to it)"
+               if spec.model_end else "")
         console.print(f"streaming: {chunks} latency {spec.latency} steps, {len(caches)} conv "
-                      "cache state(s)")
+                      f"cache state(s){end}")
     source, parity = spec.source, spec.parity
     if isinstance(source, dict):
         console.print(f"source: {source.get('class')} (torch {source.get('torch')})")
