@@ -288,3 +288,22 @@ def test_denoiser_demucs_streams(tmp_path, cli, resample):
         want = _eager(model, x)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_exports_demucs_from_its_weights(tmp_path, cli):
+    """`rnnedge export` builds its example at 5 steps: the probes reach past the least valid
+    length all the same (at 5 steps every probe pads to it and the rates came out wrong)."""
+    demucs = pytest.importorskip("denoiser.demucs")
+    torch.manual_seed(0)
+    model = demucs.Demucs(hidden=4, depth=3, normalize=False, resample=1, causal=True).eval()
+    torch.save(model.state_dict(), tmp_path / "demucs.pt")
+    out = tmp_path / "demucs.onnx"
+    result = cli("export", str(tmp_path / "demucs.pt"), "--arch", "denoiser.demucs:Demucs",
+                 "--arch-kwargs", '{"hidden": 4, "depth": 3, "normalize": false, "resample": 1}',
+                 "--input-shape", "batch,1,time", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    x = np.random.default_rng(2).standard_normal((1, 1, 3001)).astype(np.float32)
+    stream = rnnedge.load(out, device="cpu").stream(batch=1)
+    got = np.concatenate([stream.run(x, chunk=160), stream.flush()], axis=-1)
+    np.testing.assert_allclose(got, _eager(model, x), atol=1e-5, rtol=1e-4)

@@ -44,7 +44,6 @@ from torch.utils import _pytree as pytree
 from rnnedge.errors import UnsupportedModelError
 from rnnedge.exporters import conv_cache, temporal
 from rnnedge.exporters.conv_cache import Slot, TemporalOp
-from rnnedge.exporters.inputs import resize
 
 RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape)
 
@@ -211,11 +210,8 @@ def run_joins(model, call, inputs, x, ops, cuts=None) -> tuple[Joins, list]:
 
 def follow(model, call, inputs, probe_x, ops: list[TemporalOp]) -> Followed:
     """The lags of a model with look-ahead ops, its delay lines and end crops, from runs at
-    the example's length and ``temporal.growth`` longer. call(x): the model's forward on
-    inputs x."""
-    grow = temporal.growth(model)
-    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + grow)
-                   if "time" in i.axes else x for i, x in zip(inputs, probe_x))
+    ``temporal.probes``' two lengths. call(x): the model's forward on inputs x."""
+    grow, (probe_x, longer) = temporal.probes(model, inputs, probe_x)
     runs = [run_joins(model, call, inputs, x, ops, {}) for x in (probe_x, longer)]
     starts, cuts = _start_crops(runs[0][0].sliced, runs[1][0].sliced, grow)
     if starts:  # again, with the lag each start crop adds

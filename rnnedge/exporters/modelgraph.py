@@ -136,6 +136,15 @@ def check_lifted_equals_model(model, form: Form, sample, inputs, what: str,
     lifted = _run(form, _torch_inputs(data, inputs), batch, time, inputs)[: len(own)]
     if len(lifted) != len(own) or not all(a.shape == b.shape and torch.allclose(
             a, b, atol=SELF_ATOL, rtol=SELF_RTOL) for a, b in zip(own, lifted)):
+        if any(s.input.endswith(".cache0") for s in form.state_specs):  # ops along time too
+            diff = max(((a - b).abs().max().item() for a, b in zip(own, lifted)
+                        if a.shape == b.shape), default=float("nan"))
+            raise UnsupportedModelError(
+                f"with its recurrent states and conv caches carried from zeros, the streamed "
+                f"form of {what} differs from its own forward() at length {time} (max |diff| "
+                f"{diff:.2g}): a recurrent layer may not start from zeros there, or an op along "
+                "time streams differently (e.g. a crop or pad of a conv's output that depends "
+                "on where the sequence ends); export with mode='sequence' (--mode sequence)")
         raise UnsupportedModelError(
             f"with zero initial states, {what} with its recurrent state carried differs from "
             "its own forward(): a recurrent layer does not start from zeros there (or forward "

@@ -70,6 +70,22 @@ def growth(model: nn.Module) -> int:
     return product * -(-GROW // product)
 
 
+def probes(model: nn.Module, inputs, probe_x, *extra: int) -> tuple[int, list]:
+    """(``growth``, the inputs at a base length and at that plus ``growth`` and each of
+    ``extra``). The base is the example's length, or 3 * growth where that is longer: at a
+    tiny example (the CLI's 5 steps) a model that pads itself to a "valid length" pads
+    every probe to the same least length, and the ops' rates would come out wrong."""
+    grow = growth(model)
+
+    def at(x, i, n):
+        return resize(x, i.axes.index("time"), n) if "time" in i.axes else x
+
+    t = next(x.shape[i.axes.index("time")] for i, x in zip(inputs, probe_x) if "time" in i.axes)
+    base = max(t, 3 * grow)
+    return grow, [tuple(at(x, i, base + k) for i, x in zip(inputs, probe_x))
+                  for k in (0, grow, *extra)]
+
+
 @dataclass
 class _Seen:
     """What one probe run saw one module do."""
@@ -158,12 +174,8 @@ def analyse(model: nn.Module, call, inputs, probe_x) -> tuple[list[TemporalOp], 
     call(x): runs the model's forward on the inputs ``x`` (a tuple). inputs: the
     exporter's ``Input``s, one with a "time" axis; probe_x: inputs at the example's size.
     """
-    grow = growth(model)
-    longer = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + grow)
-                   if "time" in i.axes else x for i, x in zip(inputs, probe_x))
-    # One step longer: a pad to a "valid length" can be 0 at both lengths above.
-    odd = tuple(resize(x, i.axes.index("time"), x.shape[i.axes.index("time")] + 1)
-                if "time" in i.axes else x for i, x in zip(inputs, probe_x))
+    # The third, one step longer: a pad to a "valid length" can be 0 at both others.
+    grow, (probe_x, longer, odd) = probes(model, inputs, probe_x, 1)
     with torch.no_grad():
         seen1, run1 = _run(call, model, probe_x)
         seen2, run2 = _run(call, model, longer)
@@ -313,8 +325,8 @@ def _op(path: str, m: nn.Module, a: int, shape: tuple, fl: int, fr: int) -> Temp
     cache_shape = tuple("batch" if j == 0 else (None if j == a else int(n)) for j, n in enumerate(shape))
     if isinstance(m, TRANSPOSED):
         if pl or _pair(m.output_padding, i) or fl or fr:
-            raise _refuse(path, m, "crops or pads its output along time (padding/output_padding), "
-                                   "which depends on where the sequence ends; crop after it instead")
+            raise _refuse(path, m, "crops or pads its output along time (padding/output_padding, "
+                                   "which depend on where the sequence ends: crop after it instead)")
         if span < s:
             raise _refuse(path, m, f"has a kernel reach {span} shorter than its stride {s}")
         c = span - s
