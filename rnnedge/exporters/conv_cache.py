@@ -131,7 +131,6 @@ class Slot:
     final: Tensor | None = None
     seen: Tensor | None = None  # look-ahead ops: output frames computed so far, (batch, 1)
     seen_final: Tensor | None = None
-    length: int | None = None  # its input's frames this call (``temporal.latencies`` reads it)
 
 
 @dataclass
@@ -223,7 +222,7 @@ class Caches:
                 finals.append(c.slot.final)
             if c.op.delay:
                 finals.append(c.slot.seen_final)
-            c.slot = Slot(length=c.slot.length)
+            c.slot = Slot()
         if self.flush is not None:  # back to 0: only the call it was set for is a flush
             finals.append(self.flush.init * 0)
         return finals
@@ -274,7 +273,6 @@ class CacheCall:
     def __call__(self, x: Tensor) -> Tensor:
         op, slot = self.cached.op, self.cached.slot
         a = op.axis
-        slot.length = x.size(a)
         flush = self.cached.flush
         if flush is not None:  # a late graph: the frames past the stream's end become zeros
             x = zero_past_end(x, a, flush.init, op)

@@ -166,7 +166,6 @@ class Joins(TorchFunctionMode):
 def _delayed(x, op: TemporalOp, slot: Slot):
     """``x`` late by ``op.delay`` frames along ``op.axis``; its first ones of a stream dropped."""
     a = op.axis
-    slot.length = x.size(a)
     full = torch.cat([slot.init, x], dim=a)
     slot.final = full.narrow(a, full.size(a) - op.cache, op.cache)
     y, slot.seen_final = conv_cache.drop_before_start(full.narrow(a, 0, x.size(a)), a,
