@@ -9,8 +9,6 @@ longer than the window) and on a long stream, and compared with eager PyTorch (t
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -20,6 +18,7 @@ from torch.nn import functional as F  # noqa: E402, N812
 
 import rnnedge  # noqa: E402
 from rnnedge.errors import UnsupportedModelError  # noqa: E402
+from tests import ortref, zoo  # noqa: E402
 
 
 class StftGRU(nn.Module):
@@ -121,18 +120,6 @@ def exported(tmp_path_factory):
     return get
 
 
-def _metadata(path) -> dict:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    return json.loads(props["rnnedge"])
-
-
-def _eager(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
 def _signal(name: str, total: int, batch: int, seed: int) -> np.ndarray:
     shape = (batch, total) + tuple(MODELS[name][1][2:])
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -143,7 +130,7 @@ def _signal(name: str, total: int, batch: int, seed: int) -> np.ndarray:
 def test_export_carries_the_front_end_cache_and_passes_the_gate(exported, name):
     model, path, report, (names, attrs) = exported(name)
     multiple, caches = MODELS[name][3], MODELS[name][4]
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     states = {s["input"]: s for s in meta["states"]}
     assert {k: states[k]["shape"] for k in caches} == caches
     assert all(states[k]["output"] == k.replace(".cache0", ".cachen") for k in caches)
@@ -175,7 +162,7 @@ def test_runtime_stream_equals_eager_on_the_whole_input(exported, name, chunking
         start, k = start + size, k + 1
     pieces.append(stream.flush())
     got = np.concatenate(pieces, axis=1)
-    want = _eager(model, x)
+    want = zoo.eager(model, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
@@ -194,10 +181,10 @@ def test_long_stream_with_a_partial_last_hop(exported, name):
     got = np.concatenate([stream.run(x, chunk=13), stream.flush()], axis=1)
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, -total % multiple)
-    want = _eager(model, np.pad(x, pad))
+    want = zoo.eager(model, np.pad(x, pad))
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
-    whole = _eager(model, x)  # the frames eager gives on the input itself: the same
+    whole = zoo.eager(model, x)  # the frames eager gives on the input itself: the same
     np.testing.assert_allclose(got[:, : whole.shape[1]], whole, atol=1e-4, rtol=1e-3)
 
 
@@ -217,7 +204,7 @@ def test_sequence_mode_keeps_the_front_end_as_it_is(tmp_path):
     path = tmp_path / "m.onnx"
     rnnedge.export(UnfoldLSTM().eval(), path, example_input=torch.randn(1, 64), mode="sequence",
                    min_length=4)
-    assert [s["input"] for s in _metadata(path)["states"]] == ["lstm.h0", "lstm.c0"]
+    assert [s["input"] for s in ortref.contract(path)["states"]] == ["lstm.h0", "lstm.c0"]
 
 
 class CentredReflect(nn.Module):
@@ -311,12 +298,12 @@ def test_look_ahead_front_end_streams_late(tmp_path, cls, latency):
     model = cls().eval()
     path = tmp_path / "m.onnx"
     rnnedge.export(model, path, example_input=torch.randn(1, 64), min_length=16)
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     assert meta["latency"] == latency and meta["chunk_multiple"] == 4
     for total in (16, 17, 1000, 1003):
         x = np.random.default_rng(total).standard_normal((2, total)).astype(np.float32)
         stream = rnnedge.load(path, device="cpu").stream(batch=2)
         got = np.concatenate([stream.run(x, chunk=7), stream.flush()], axis=1)
-        want = _eager(model, x)
+        want = zoo.eager(model, x)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)

@@ -20,6 +20,7 @@ from torch.nn import functional as F  # noqa: E402, N812
 import rnnedge  # noqa: E402
 from rnnedge.contract import ExportSpec, from_json  # noqa: E402
 from rnnedge.errors import ContractError, UnsupportedModelError  # noqa: E402
+from tests import ortref, zoo  # noqa: E402
 
 
 class KWS(nn.Module):
@@ -145,24 +146,12 @@ def exported(tmp_path_factory):
     return get
 
 
-def _metadata(path) -> dict:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    return json.loads(props["rnnedge"])
-
-
-def _eager(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_carries_conv_caches_and_passes_the_gate(exported, name):
     _, path, report = exported(name)
     _, _, _, multiple, caches = MODELS[name]
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     states = {s["input"]: s for s in meta["states"]}
     assert {k: states[k]["shape"] for k in caches} == caches
     assert all(states[k]["output"] == k.replace(".cache0", ".cachen") and states[k]["batch_axis"] == 0
@@ -196,7 +185,7 @@ def test_runtime_stream_equals_eager_on_the_whole_input(exported, name, chunking
         pieces.append(stream.step(x[:, start:start + size]))
         start, k = start + size, k + 1
     got = np.concatenate(pieces, axis=1)
-    want = _eager(model, x)
+    want = zoo.eager(model, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
@@ -221,7 +210,7 @@ def test_any_chunk_length_is_held_back_and_flushed(exported, name, total):
         assert stream.held == start % multiple
     pieces.append(stream.flush())
     assert stream.held == 0
-    want = _eager(model, x)
+    want = zoo.eager(model, x)
     got = np.concatenate(pieces, axis=1)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
@@ -237,7 +226,7 @@ def test_inspect_shows_chunk_multiple_and_caches(exported, cli):
     assert result.exit_code == 0, result.output
     assert "chunks of a multiple of 4 steps" in result.output
     # One output step per 4 input steps: the contract says so, for apps sizing buffers.
-    assert _metadata(path)["outputs"][0]["time_ratio"] == [1, 4]
+    assert ortref.contract(path)["outputs"][0]["time_ratio"] == [1, 4]
     assert "2 conv cache state(s)" in result.output
     assert "c1.cache0" in result.output
 
@@ -351,7 +340,7 @@ def test_sequence_mode_keeps_the_convs_whole(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
     rnnedge.export(CentredSkip().eval(), path, example_input=torch.randn(1, 10, 4), mode="sequence")
-    assert [s["input"] for s in _metadata(path)["states"]] == ["lstm.h0", "lstm.c0"]
+    assert [s["input"] for s in ortref.contract(path)["states"]] == ["lstm.h0", "lstm.c0"]
 
 
 def _spec(**changes) -> ExportSpec:
@@ -479,7 +468,7 @@ def late(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LATE))
 def test_look_ahead_streams_late_with_latency_in_the_contract(late, name):
     _, path, report = late(name)
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     assert meta["latency"] == LATE[name][2] and meta["format"] == 2
     states = [s["input"] for s in meta["states"]]
     assert states[-1] == "latency.flush0" and any(s.endswith(".seen0") for s in states)
@@ -515,7 +504,7 @@ def test_late_stream_plus_flush_equals_eager_on_the_whole_input(late, name, chun
         assert emitted == (0 if min(start, total) <= latency else min(start, total) - latency)
     pieces.append(stream.flush())
     got = np.concatenate(pieces, axis=1)
-    want = _eager(model, x)
+    want = zoo.eager(model, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
     stream.reset()

@@ -11,7 +11,6 @@ off the grid, and compared frame for frame with eager PyTorch on the whole input
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402, N812
 
 import rnnedge  # noqa: E402
+from tests import ortref, zoo  # noqa: E402
 
 
 class CentredStrided(nn.Module):
@@ -168,28 +168,16 @@ def exported(tmp_path_factory):
     return get
 
 
-def _metadata(path) -> dict:
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    return json.loads(props["rnnedge"])
-
-
 def _signal(name: str, total: int, seed: int) -> np.ndarray:
     shape = (2, 3, total) if name == "valid-unet" else (2, total, MODELS[name][1][2])
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _eager(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_states_the_grid_and_passes_the_gate(exported, name):
     _, path, report = exported(name)
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     multiple, latency, offset = MODELS[name][3]
     assert (meta.get("chunk_multiple", 1), meta["latency"], meta.get("chunk_offset", 0)) == \
         (multiple, latency, offset)
@@ -226,7 +214,7 @@ def test_stream_plus_flush_equals_eager_on_the_whole_input(exported, name, chunk
         start, k = start + size, k + 1
     pieces.append(stream.flush())
     got = np.concatenate(pieces, axis=axis)
-    want = _eager(model, x)
+    want = zoo.eager(model, x)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
 
@@ -243,7 +231,7 @@ def test_every_length_of_a_period_ends_as_eager(exported, name):
         x = _signal(name, total, total)
         stream = rnnedge.load(path, device="cpu").stream(batch=2)
         got = np.concatenate([stream.step(x), stream.flush()], axis=1)
-        want = _eager(model, x)
+        want = zoo.eager(model, x)
         assert got.shape == want.shape, total
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3, err_msg=str(total))
 
@@ -276,7 +264,7 @@ def test_denoiser_demucs_streams(tmp_path, cli, resample):
     model = demucs.Demucs(hidden=4, depth=3, normalize=False, resample=resample, causal=True).eval()
     path = tmp_path / "demucs.onnx"
     rnnedge.export(model, path, example_input=torch.randn(1, 1, 512), input_axes=("batch", 1, "time"))
-    meta = _metadata(path)
+    meta = ortref.contract(path)
     assert (meta["chunk_multiple"], meta["latency"], meta["chunk_offset"],
             meta.get("model_end")) == DEMUCS[resample]
     shown = cli("inspect", str(path)).output
@@ -285,7 +273,7 @@ def test_denoiser_demucs_streams(tmp_path, cli, resample):
         x = np.random.default_rng(total).standard_normal((1, 1, total)).astype(np.float32)
         stream = rnnedge.load(path, device="cpu").stream(batch=1)
         got = np.concatenate([stream.run(x, chunk=chunk), stream.flush()], axis=-1)
-        want = _eager(model, x)
+        want = zoo.eager(model, x)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
@@ -306,4 +294,4 @@ def test_cli_exports_demucs_from_its_weights(tmp_path, cli):
     x = np.random.default_rng(2).standard_normal((1, 1, 3001)).astype(np.float32)
     stream = rnnedge.load(out, device="cpu").stream(batch=1)
     got = np.concatenate([stream.run(x, chunk=160), stream.flush()], axis=-1)
-    np.testing.assert_allclose(got, _eager(model, x), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(got, zoo.eager(model, x), atol=1e-5, rtol=1e-4)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def eager(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's output on the whole input ``x``: numpy in, numpy out, no autograd."""
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
 
 # --- step-protocol modules: forward(x, state) -> (y, state) -------------------------
 

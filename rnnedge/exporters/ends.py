@@ -34,7 +34,7 @@ from rnnedge.errors import UnsupportedModelError
 from rnnedge.exporters import delays, temporal
 from rnnedge.exporters.conv_cache import TemporalOp
 from rnnedge.exporters.inputs import resize
-from rnnedge.runtime.remainder import flush_call
+from rnnedge.runtime.remainder import first_length, flush_call, grid_length
 
 
 def offset(ops: list[TemporalOp], multiple: int) -> int:
@@ -55,17 +55,6 @@ def _fits(t1: int, op: TemporalOp) -> bool:
     if frames.denominator != 1:
         return False
     return op.kind not in ("conv", "pool") or frames.numerator % op.stride == 0
-
-
-def first_length(offset_: int, multiple: int, latency: int) -> int:
-    """The shortest first call: the least T1 > latency with T1 = offset (mod multiple)."""
-    return latency + 1 + (offset_ - latency - 1) % multiple
-
-
-def grid(n: int, offset_: int, multiple: int, latency: int) -> int:
-    """``n`` steps padded up to the grid as a stream's flush pads them: at least the
-    shortest first call, = offset (mod M)."""
-    return max(n + (offset_ - n) % multiple, first_length(offset_, multiple, latency))
 
 
 def pasts(model, call, inputs, probe_x, ops: list[TemporalOp], at: tuple[int, int]) -> list:
@@ -114,7 +103,7 @@ def plan(model, call, inputs, probe_x, ops: list[TemporalOp], multiple: int):
     lag = max(lags, default=Fraction(0))
     a = offset(ops, multiple)
     latency = math.ceil(lag)
-    t1 = first_length(a, multiple, latency)
+    t1 = first_length(multiple, a, latency)
     start = t1 + multiple * max(1, math.ceil(64 / multiple))
     with torch.no_grad():
         end = model_end(model, call, inputs, probe_x, multiple, start)
@@ -161,21 +150,17 @@ def flushed(run, inputs, latency: int, multiple: int, offset_: int, probe_x, sta
     set to F; each timed output cut to the model's own frames for N real steps,
     floor(N * rate + offset) (fitted on the model: ``model_outs(x)``, its data outputs),
     as ``Stream.flush`` cuts with the contract's ``end_offset``. states0: zero states."""
-    f = -(-latency // multiple) * multiple
-
     def raw(x, states):
         n = next(v.shape[i.axes.index("time")] for i, v in zip(inputs, x) if "time" in i.axes)
-        if end is not None:  # padded to the model's own end, then on to the grid
-            pad, past = flush_call(n, n, False, multiple, offset_, latency, end)
-            total = n + pad
-        else:
-            total, past = (grid(n, offset_, multiple, latency) if multiple > 1 else n) + f, f
+        # The one call of a stream that is all flush, as ``Stream.flush`` makes it.
+        pad, past = flush_call(n, n, False, multiple, offset_, latency, end)
+        total = n + pad
         x = tuple(v if "time" not in i.axes else _zero_padded(v, i.axes.index("time"), total)
                   for i, v in zip(inputs, x))
         return run(x, [*states[:-1], torch.full_like(states[-1], float(past))]), n
 
     t = next(v.shape[i.axes.index("time")] for i, v in zip(inputs, probe_x) if "time" in i.axes)
-    base = grid(t, offset_, multiple, latency) + multiple
+    base = grid_length(t, multiple, offset_, latency) + multiple
     ends = _ends(model_outs, inputs, probe_x, base, multiple)
 
     def call(x, states):

@@ -53,6 +53,7 @@ from torch.overrides import TorchFunctionMode
 from rnnedge.errors import UnsupportedModelError
 from rnnedge.exporters import framing
 from rnnedge.exporters.inputs import resize
+from rnnedge.exporters.temporal import _pad_at
 
 STFTS = (torch.stft, torch.Tensor.stft)
 UNFOLDS = (torch.Tensor.unfold,)
@@ -120,11 +121,6 @@ def _refuse(kind: str, index: int, why: str, fix: str = "") -> UnsupportedModelE
     return UnsupportedModelError(
         f"{name} call {index} along the time axis {why}, so it cannot stream chunk by chunk; "
         f"{fix + ', or ' if fix else ''}export the model with mode='sequence' (--mode sequence)")
-
-
-def _pad_at(pad: tuple, ndim: int, axis: int) -> tuple[int, int]:
-    k = 2 * (ndim - 1 - axis)
-    return (int(pad[k]), int(pad[k + 1])) if k + 1 < len(pad) else (0, 0)
 
 
 @dataclass

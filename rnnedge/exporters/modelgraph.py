@@ -21,6 +21,7 @@ from rnnedge.exporters.inputs import (
     numbered_names,
 )
 from rnnedge.exporters.stepping import SELF_ATOL, SELF_RTOL
+from rnnedge.runtime import remainder
 
 # Eager sizes used to tell which output axes follow batch and time: (batch, time) twice.
 PROBE_SIZES = ((2, 3), (3, 5))
@@ -162,7 +163,7 @@ def check_stream_ends(model, form: Form, sample, inputs, what: str, base: int,
     padding to a "valid length", a last partial stride) is proven at more than the lengths
     the stream's grid makes easy. The gate then compares the graph with this stream."""
     m = form.chunk_multiple
-    first = form.latency + 1 + (form.chunk_offset - form.latency - 1) % m  # a stream's least
+    first = remainder.first_length(m, form.chunk_offset, form.latency)  # a stream's least
     times = sorted({base + r for r in ends.rests(m, 64)} |
                    {t for t in (low, (low + first) // 2, first - 1, first) if t >= low})
     rng = np.random.default_rng(4)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from rnnedge.errors import ExportError, first_line
-from rnnedge.gate.cases import SEED, Case, case_arrays, gate_cases
+from rnnedge.gate.cases import SEED, Case, case_arrays, gate_cases, on_grid
 from rnnedge.gate.compare import INF, TensorResult, compare_case
 from rnnedge.gate.nonfinite import STEPS, nan_propagates
 from rnnedge.gate.plan import Plan
 from rnnedge.gate.policy import Policy
 from rnnedge.gate.referee import float64_referee
+from rnnedge.runtime import remainder
 
 
 @dataclass(frozen=True)
@@ -243,9 +244,9 @@ def run_gate(plan: Plan, model_bytes: bytes | str | os.PathLike, policy: Policy,
         # call, and onnxruntime's CPU GRU/LSTM abort the process on 0 steps.
         spec = plan.spec
         steps = max(span.low, STEPS, spec.latency + 1)
-        if spec.chunk_multiple > 1 and (spec.latency or spec.chunk_offset):
-            # A strided late graph's first call: chunk_offset (mod chunk_multiple) steps.
-            steps += (spec.chunk_offset - steps) % spec.chunk_multiple
+        if on_grid(spec):  # a strided late graph's first call: on its grid
+            steps = remainder.grid_length(steps, spec.chunk_multiple, spec.chunk_offset,
+                                          spec.latency)
         nan = nan_propagates(plan, model_bytes, providers, session=graph.session, steps=steps)
     except Exception:  # noqa: BLE001 - a graph that cannot take the probe: not known
         nan = None

@@ -65,6 +65,12 @@ def first_length(multiple: int, offset: int, least: int) -> int:
     return least + 1 + (offset - least - 1) % multiple
 
 
+def grid_length(steps: int, multiple: int, offset: int, latency: int) -> int:
+    """``steps`` padded up to a stream's grid in one call: = ``offset`` (mod ``multiple``),
+    at least the smallest first call."""
+    return max(steps + (offset - steps) % multiple, first_length(multiple, offset, latency))
+
+
 def past_end(latency: int, multiple: int) -> int:
     """The zero steps a flush call appends past a stream's end: ``latency`` rounded up to a
     multiple of ``multiple`` (so the call stays on the grid)."""
@@ -80,7 +86,7 @@ def flush_steps(real: int, started: bool, multiple: int, offset: int, latency: i
     elif started:
         grid = -real % multiple
     else:  # the stream's only call: up to the smallest first call (as the model's end)
-        grid = first_length(multiple, offset, latency) - real
+        grid = grid_length(real, multiple, offset, latency) - real
     return grid + past_end(latency, multiple)
 
 
@@ -97,7 +103,7 @@ def flush_call(real: int, held: int, started: bool, multiple: int, offset: int, 
         return flush_steps(held, started, multiple, offset, latency), f
     residue, least = end
     length = max(real + (residue - real) % multiple, least)
-    grid = max(length + (offset - length) % multiple, first_length(multiple, offset, latency))
+    grid = grid_length(length, multiple, offset, latency)
     return grid - real + f, grid + f - length
 
 
